@@ -1,0 +1,17 @@
+"""
+The components catalogue: each variant of the transformer's parts written from its equation, small enough to
+read in one sitting, tested against an independent reference, and compared side by side by one harness.
+
+    attention.py   scaled dot-product attention, MHA/GQA/MQA, sliding / dilated / sink windows with a rolling
+                   cache, ring attention, DeepSeek sparse attention
+    mla.py         multi-head latent attention, naive and absorbed
+    flash.py       flash attention in plain PyTorch (tiled forward, recomputing backward)
+    positions.py   learned, sinusoidal, RoPE (two layouts, four scalings), ALiBi, none
+    norms.py       LayerNorm, RMSNorm, pre-norm and post-norm blocks
+    ffn.py         GELU MLP, SwiGLU, GeGLU, ReGLU
+    moe.py         routers (softmax, noisy, sigmoid), shared experts, capacity, balancing
+    compare.py     python -m components.compare attention|position|norm|ffn|moe [--quick]
+
+The model files (gpt2.py, llama3.py, ...) keep their own inline copies, so they stay standalone; the tests in
+tests/test_components_parity.py hold those copies equal to the versions here.
+"""
