@@ -34,6 +34,7 @@ ENDPOINT = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
 RETRIES = 4          # tries per request on connection errors, timeouts and 5xx answers
 BACKOFF = 0.5        # seconds before the 2nd try; doubles for each further one (0.5, 1, 2)
 TIMEOUT = (10, 60)   # seconds to connect, and to wait for the next bytes of an answer
+CHUNK = 2**20        # bytes read at a time; a dropped connection loses at most the chunk in flight
 INDEX = "model.safetensors.index.json"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -159,7 +160,7 @@ def _fetch(url, dest, size, sha256, what, repo_id, snapshot):
             total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
             with open(part, "ab" if have else "wb") as f, tqdm(desc=dest.name, total=total, initial=have,
                                                                unit="B", unit_scale=True, disable=None) as bar:
-                for chunk in r.iter_content(chunk_size=2**20):
+                for chunk in r.iter_content(chunk_size=CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
                 f.flush()

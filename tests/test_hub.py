@@ -202,6 +202,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, old_
     assert "config.json" in names
     assert ("model.safetensors" in names) == (new_shard_bytes == 2**30)
     assert ("model.safetensors.index.json" in names) == (new_shard_bytes < 2**30)
+    shards = {n for n in names if n.startswith("model-")}
+    assert shards == ({p.name for p in hub.checkpoint_files(tmp_path)} if new_shard_bytes < 2**30 else set())
     assert not any(n.endswith(".tmp") for n in names)
 
 
@@ -214,3 +216,253 @@ def test_crash_during_atomic_write_keeps_old_content(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert hub.read_json(path) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+# ----------------------------------------------------------------------------- downloads from a fake hub
+
+class FakeHub:
+    """huggingface.co in miniature, serving one repo's files (a dict name -> bytes) at one revision."""
+
+    def __init__(self, files, repo=REPO, revision="main"):
+        self.files, self.repo, self.revision = files, repo, revision
+        self.lfs = {n for n in files if n.endswith(".safetensors")}
+        self.log = []            # (path with query, headers) of every request
+        self.drop_once = set()   # files whose next answer stops halfway and closes the connection
+        self.fail_once = {}      # file -> HTTP status to answer once before serving it
+        self.advertised = {}     # file -> a (wrong) sha256 to announce instead of the real one
+        self.token = None        # when set, a request without "Bearer <token>" gets 401
+        self.ignore_range = False
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def sha256(self, name):
+        return self.advertised.get(name) or hashlib.sha256(self.files[name]).hexdigest()
+
+    def listing(self):
+        siblings = []
+        for name, data in self.files.items():
+            s = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
+            if name in self.lfs:
+                s["lfs"] = {"sha256": self.sha256(name), "size": len(data), "pointerSize": 134}
+            siblings.append(s)
+        return {"id": self.repo, "sha": "0123456789abcdef" * 2 + "01234567", "siblings": siblings}
+
+    def requests(self, kind):
+        return [(path, headers) for path, headers in self.log if kind in path]
+
+    def _handler(self):
+        hub_ = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                hub_.log.append((self.path, dict(self.headers)))
+                path = unquote(urlsplit(self.path).path)
+                if hub_.token and self.headers.get("Authorization") != f"Bearer {hub_.token}":
+                    return self.answer(401, b"", {"X-Error-Code": "GatedRepo"})
+                if path == f"/api/models/{hub_.repo}/revision/{hub_.revision}":
+                    return self.answer(200, json.dumps(hub_.listing()).encode(), {"Content-Type": "application/json"})
+                prefix = f"/{hub_.repo}/resolve/{hub_.revision}/"
+                if path.startswith(prefix):
+                    name = path[len(prefix):]
+                    if name not in hub_.files:
+                        return self.answer(404, b"", {"X-Error-Code": "EntryNotFound"})
+                    if name in hub_.fail_once:
+                        return self.answer(hub_.fail_once.pop(name), b"")
+                    if name in hub_.lfs:  # like the hub: redirect to the CDN, the sha256 in X-Linked-Etag
+                        return self.answer(302, b"", {"Location": f"/cdn/{name}", "X-Linked-Size": len(hub_.files[name]),
+                                                      "X-Linked-Etag": f'"{hub_.sha256(name)}"'})
+                    return self.serve(name)
+                if path.startswith("/cdn/") and path[5:] in hub_.files:
+                    return self.serve(path[5:])
+                return self.answer(404, b"", {"X-Error-Code": "RepoNotFound"})
+
+            def serve(self, name):
+                data, start, status = hub_.files[name], 0, 200
+                if self.headers.get("Range") and not hub_.ignore_range:
+                    start, status = int(self.headers["Range"].removeprefix("bytes=").removesuffix("-")), 206
+                body = data[start:]
+                headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if status == 206 else {}
+                if name in hub_.drop_once:  # promise the whole body, send half of it, hang up
+                    hub_.drop_once.discard(name)
+                    self.answer(status, body[: len(body) // 2], headers, length=len(body))
+                    self.close_connection = True
+                    return
+                self.answer(status, body, headers)
+
+            def answer(self, status, body, headers=(), length=None):
+                self.send_response(status)
+                for k, v in dict(headers).items():
+                    self.send_header(k, str(v))
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+
+        return Handler
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def repo_files(tmp_path):
+    """config.json, a 3-shard checkpoint with its index, a stray weights file, and a file `allow` skips."""
+    src = tmp_path / "src"
+    hub.save_safetensors(_state_dict(), src, max_shard_bytes=3000)
+    files = {p.name: p.read_bytes() for p in sorted(src.iterdir())}
+    files["config.json"] = json.dumps({"model_type": "llama", "hidden_size": 16}).encode()
+    files["consolidated.safetensors"] = b"not named in the index"
+    files["original/params.bin"] = b"\x00" * 100
+    return files
+
+
+@pytest.fixture
+def fake_hub(repo_files):
+    server = FakeHub(repo_files)
+    yield server
+    server.close()
+
+
+def _download(fake_hub, tmp_path, *args, **kwargs):
+    return hub.download(REPO, *args, endpoint=fake_hub.url, cache_dir=tmp_path / "cache", **kwargs)
+
+
+def test_download_repo_then_cached(fake_hub, repo_files, tmp_path):
+    path = _download(fake_hub, tmp_path)
+    assert path == tmp_path / "cache" / "hub" / "tiny-org--tiny-model" / "main"
+    wanted = [n for n in repo_files if n.startswith("model") or n == "config.json"]
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == sorted(wanted)
+    for name in wanted:
+        assert (path / name).read_bytes() == repo_files[name], name
+    _assert_same(hub.load_safetensors(path), _state_dict())
+    assert [p for p, _ in fake_hub.requests("/api/")] == [f"/api/models/{REPO}/revision/main?blobs=true"]
+    assert len(fake_hub.requests("/resolve/")) == len(wanted)
+    assert not fake_hub.requests("consolidated") and not fake_hub.requests("params.bin")
+    # a second call only lists the repo again: nothing is fetched
+    fake_hub.log.clear()
+    assert _download(fake_hub, tmp_path) == path
+    assert [p for p, _ in fake_hub.log] == [f"/api/models/{REPO}/revision/main?blobs=true"]
+    # named files already there need no network at all
+    fake_hub.log.clear()
+    _download(fake_hub, tmp_path, ["config.json", "model-00001-of-00003.safetensors"])
+    assert fake_hub.log == []
+
+
+def test_dropped_connection_resumes_with_range(fake_hub, repo_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(hub, "CHUNK", 64)  # small chunks, so that most of the half sent reaches the disk
+    name = "model-00002-of-00003.safetensors"
+    fake_hub.drop_once.add(name)
+    path = _download(fake_hub, tmp_path, [name])
+    assert (path / name).read_bytes() == repo_files[name]
+    cdn = fake_hub.requests(f"/cdn/{name}")
+    assert len(cdn) == 2 and "Range" not in cdn[0][1]
+    resumed_at = int(cdn[1][1]["Range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= len(repo_files[name]) // 2
+    assert "retrying" in capsys.readouterr().err
+    assert not (path / (name + ".incomplete")).exists()
+
+
+@pytest.mark.parametrize("ignore_range", [False, True], ids=["server-resumes", "server-ignores-range"])
+def test_partial_file_from_earlier_run(fake_hub, repo_files, tmp_path, ignore_range):
+    name = "model-00001-of-00003.safetensors"
+    fake_hub.ignore_range = ignore_range
+    part = tmp_path / "cache" / "hub" / "tiny-org--tiny-model" / "main" / (name + ".incomplete")
+    part.parent.mkdir(parents=True)
+    # a true prefix when the server resumes; garbage when it sends everything, which must then be overwritten
+    part.write_bytes(repo_files[name][:100] if not ignore_range else b"x" * 100)
+    path = _download(fake_hub, tmp_path)
+    assert (path / name).read_bytes() == repo_files[name]
+    assert fake_hub.requests(f"/cdn/{name}")[0][1]["Range"] == "bytes=100-"
+
+
+def test_server_error_is_retried(fake_hub, repo_files, tmp_path):
+    fake_hub.fail_once["config.json"] = 503
+    path = _download(fake_hub, tmp_path, ["config.json"])
+    assert (path / "config.json").read_bytes() == repo_files["config.json"]
+    assert len(fake_hub.requests("config.json")) == 2
+
+
+def test_not_found(fake_hub, tmp_path):
+    with pytest.raises(hub.HubError, match=f"{REPO}@main: nope.json: not found .*404"):
+        _download(fake_hub, tmp_path, ["nope.json"])
+    with pytest.raises(hub.HubError, match="tiny-org/other@main: listing files: not found"):
+        hub.download("tiny-org/other", endpoint=fake_hub.url, cache_dir=tmp_path)
+
+
+def test_unauthorized_names_hf_token_and_never_shows_it(fake_hub, tmp_path, monkeypatch, capsys):
+    fake_hub.token = "the-right-token"
+    with pytest.raises(hub.HubError, match="HTTP 401.*gated or private.*set HF_TOKEN") as e:
+        _download(fake_hub, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(hub.HubError, match="HF_TOKEN is set but has no access") as e2:
+        _download(fake_hub, tmp_path, ["config.json"])
+    out = capsys.readouterr()
+    for text in (str(e.value), str(e2.value), out.out, out.err):
+        assert TOKEN not in text
+
+
+@pytest.mark.parametrize("env", ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
+def test_token_is_sent(fake_hub, repo_files, tmp_path, monkeypatch, env):
+    fake_hub.token = TOKEN
+    monkeypatch.setenv(env, TOKEN)
+    path = _download(fake_hub, tmp_path)
+    assert (path / "config.json").read_bytes() == repo_files["config.json"]
+    assert fake_hub.log and all(h["Authorization"] == f"Bearer {TOKEN}" for _, h in fake_hub.log)
+
+
+def test_no_token_no_authorization_header(fake_hub, tmp_path):
+    _download(fake_hub, tmp_path, ["config.json"])
+    assert fake_hub.log and all("Authorization" not in h for _, h in fake_hub.log)
+
+
+def test_wrong_checksum_leaves_nothing_in_cache(fake_hub, repo_files, tmp_path):
+    name = "model-00003-of-00003.safetensors"
+    fake_hub.advertised[name] = "0" * 64
+    real = hashlib.sha256(repo_files[name]).hexdigest()
+    # the hash from the listing, or from X-Linked-Etag when files are named (no listing)
+    for filenames in (None, [name]):
+        with pytest.raises(hub.HubError, match=f"{name}: sha256 mismatch: expected {'0' * 64}, got {real}"):
+            _download(fake_hub, tmp_path, filenames)
+        snapshot = tmp_path / "cache" / "hub" / "tiny-org--tiny-model" / "main"
+        assert not (snapshot / name).exists() and not (snapshot / (name + ".incomplete")).exists()
+
+
+def test_no_network(tmp_path):
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(hub.HubError, match="no network .*Connection refused.*put the files in .*tiny-org--tiny-model"):
+        hub.download(REPO, endpoint=endpoint, cache_dir=tmp_path)
+    assert time.perf_counter() - t0 < 5
+    # with the files put there by hand (or left by an earlier download), the folder is used as is
+    snapshot = tmp_path / "hub" / "tiny-org--tiny-model" / "main"
+    hub.write_json(snapshot / "config.json", {})
+    assert hub.download(REPO, endpoint=endpoint, cache_dir=tmp_path) == snapshot
+
+
+def test_resolve(fake_hub, tmp_path):
+    assert hub.resolve(tmp_path) == tmp_path
+    assert hub.resolve(str(tmp_path)) == tmp_path
+    path = hub.resolve(REPO, endpoint=fake_hub.url, cache_dir=tmp_path / "cache")
+    assert (path / "config.json").exists()
+    with pytest.raises(hub.HubError, match="neither a local directory nor a hub repo id"):
+        hub.resolve("not a repo")
+    (tmp_path / "f.json").write_text("{}")
+    with pytest.raises(hub.HubError, match="is a file"):
+        hub.resolve(tmp_path / "f.json")
+    with pytest.raises(hub.HubError, match="no local directory 'tiny-org/other'"):
+        hub.resolve("tiny-org/other", endpoint=fake_hub.url, cache_dir=tmp_path / "cache")
+
+
+def test_environment_variables_set_endpoint_and_cache(fake_hub, repo_files, tmp_path):
+    # HF_ENDPOINT and NANOLLM_CACHE are read when hub is imported, so check them in a fresh interpreter
+    env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "NANOLLM_CACHE": str(tmp_path / "envcache")}
+    code = "import hub; print(hub.download('%s', ['config.json']))" % REPO
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == tmp_path / "envcache" / "hub" / "tiny-org--tiny-model" / "main"
+    assert (Path(out.stdout.strip()) / "config.json").read_bytes() == repo_files["config.json"]
