@@ -158,8 +158,8 @@ def _fetch(url, dest, size, sha256, what, repo_id, snapshot):
                 have = 0  # the server sent the whole file, not the range asked for
             sha256 = sha256 or _linked_sha256(r)
             total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
-            with open(part, "ab" if have else "wb") as f, tqdm(desc=dest.name, total=total, initial=have,
-                                                               unit="B", unit_scale=True, disable=None) as bar:
+            bar = tqdm(desc=dest.name, total=total, initial=have, unit="B", unit_scale=True, disable=None)
+            with open(part, "ab" if have else "wb") as f, bar:
                 for chunk in r.iter_content(chunk_size=CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -249,6 +249,8 @@ def resolve(source, **download_kwargs):
 def checkpoint_files(directory):
     """The safetensors files of a checkpoint: model.safetensors, else the shards its index names."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise HubError(f"{directory}: not a directory; expected a checkpoint directory")
     if (directory / "model.safetensors").exists():  # transformers looks for this one first too
         return [directory / "model.safetensors"]
     if (directory / INDEX).exists():
@@ -283,7 +285,8 @@ def save_safetensors(state_dict, directory, *, max_shard_bytes=5 * 2**30, metada
     """
     Write model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json when the
     tensors take more than max_shard_bytes. All files are written under temporary names first and renamed
-    after (the index last), so a crash while writing leaves the previous checkpoint as it was.
+    after (the index last), so a crash while writing leaves the previous checkpoint as it was. (Only a crash
+    between two of those renames, microseconds apart, could mix shards of two saves with the same names.)
     Tied weights must be passed once: tensors that share memory are an error.
 
         >>> save_safetensors({"w": torch.zeros(4, 4)}, "out")   # -> out/model.safetensors
