@@ -616,13 +616,13 @@ def encode_chat(tok, messages, add_generation_prompt=True):
     bos, start, end, eot = (special[n] for n in names)
 
     def header(role):
-        return [start] + tok.encode(role, allowed_special=set()) + [end] + tok.encode("\n\n", allowed_special=set())
+        return [start] + tok.encode(role, allowed_special="none") + [end] + tok.encode("\n\n", allowed_special="none")
 
     ids = [bos]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
-        ids += header(m["role"]) + tok.encode(m["content"].strip(), allowed_special=set()) + [eot]
+        ids += header(m["role"]) + tok.encode(m["content"].strip(), allowed_special="none") + [eot]
     if add_generation_prompt:
         ids += header("assistant")
     return ids
