@@ -708,7 +708,7 @@ def _load_dir(d):
     if (d / SAVE_NAME).is_file():
         tok = _load_own(d / SAVE_NAME)
     elif (d / "tokenizer.json").is_file():
-        tok = _load_tokenizer_json(d / "tokenizer.json", config)
+        tok = _load_tokenizer_json(d / "tokenizer.json")
     elif (d / "vocab.json").is_file() or (d / "merges.txt").is_file():
         _need_pair(d, "vocab.json", "merges.txt")
         tok = _load_vocab_merges(d / "vocab.json", d / "merges.txt", config)
@@ -730,9 +730,14 @@ def _load_dir(d):
     if eos_name in tok.special_tokens:
         eos.add(tok.special_tokens[eos_name])
     tok.eos_ids = sorted(eos) or None
+    bos_name = _token_content(config.get("bos_token"))
     model_bos = _read_json_if(d / "config.json").get("bos_token_id")
-    if tok.bos_id is None and isinstance(model_bos, int) and model_bos in tok.vocab:
+    if bos_name in tok.special_tokens:
+        tok.bos_id = tok.special_tokens[bos_name]
+    elif tok.bos_id is None and isinstance(model_bos, int) and model_bos in tok.vocab:
         tok.bos_id = model_bos
+    if isinstance(config.get("add_bos_token"), bool):   # HF rebuilds its post-processor from this flag
+        tok.add_bos = config["add_bos_token"]
     return tok
 
 
@@ -876,8 +881,7 @@ def _build_hf(vocab, merges, added, where, pattern, normalization, ignore_merges
                      normalization=normalization, add_bos=add_bos, bos_id=bos_id)
 
 
-def _load_tokenizer_json(path, config=None):
-    config = config or {}
+def _load_tokenizer_json(path):
     tj = _read_json(path)
     model = tj.get("model")
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
@@ -901,11 +905,6 @@ def _load_tokenizer_json(path, config=None):
     normalization = _normalizer_forms(tj.get("normalizer"), path)
     pattern = _pretokenizer_patterns(tj.get("pre_tokenizer"), path)
     add_bos, bos_id = _template_bos(tj.get("post_processor"), added)
-    if isinstance(config.get("add_bos_token"), bool):   # HF rebuilds the template from this flag
-        add_bos = config["add_bos_token"]
-    bos_name = _token_content(config.get("bos_token"))
-    if bos_name in added:
-        bos_id = added[bos_name]
     return _build_hf(model["vocab"], merges, added, str(path), pattern, normalization,
                      bool(model.get("ignore_merges")), add_bos=add_bos, bos_id=bos_id)
 

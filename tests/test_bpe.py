@@ -383,3 +383,11 @@ def test_missing_paths(tmp_path):
         bpe.load(tmp_path / "nope.bpe")
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):
         bpe.load(tmp_path)
+
+
+def test_end_anchor_means_end_of_text_as_in_rust():
+    """Python's $ also matches before a final newline; Rust's (tiktoken's) does not: `_translate` uses \\Z."""
+    pattern = r"[ ]+$|\S+|\s"
+    tok = bpe.train("a  \n" * 20 + "a  ", 257, pattern=pattern)   # one merge: "  "
+    assert tok.encode("a  \n") == tok.to_tiktoken().encode_ordinary("a  \n") == [97, 32, 32, 10]
+    assert tok.encode("a  ") == tok.to_tiktoken().encode_ordinary("a  ") == [97, 256]
