@@ -229,6 +229,15 @@ def download(repo_id, filenames=None, *, revision="main", cache_dir=None, endpoi
     return snapshot
 
 
+def fetch_url(url, dest):
+    """Fetch one plain file (a dataset, the GPT-2 encoder files) to dest, with the same resume, retries and
+    atomic rename as hub files; a file already at dest is kept. Returns dest."""
+    dest = Path(dest)
+    if not dest.exists():
+        _fetch(url, dest, None, None, url, url, dest)
+    return dest
+
+
 def resolve(source, **download_kwargs):
     """A local checkpoint directory as is, else a hub repo id fetched with download(): 'out' or 'owner/name'."""
     path = Path(source)
