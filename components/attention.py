@@ -270,19 +270,22 @@ def topk_mask(index_scores, topk):
 def sparse_attention(q, k, v, index_scores, topk):
     """
     Attention of each query over only its top-k keys by index score, gathering them instead of masking a
-    (T, T) matrix: memory O(T * topk). Equals attention(q, k, v, mask=topk_mask(index_scores, topk)).
-    q (B, nh, T, hs), k and v (B, nh, T, hs), index_scores (B, T, T) with -inf on future keys.
+    (T, T) matrix: memory O(T * topk * hs). Equals attention(q, k, v, mask=topk_mask(index_scores, topk)).
+    q (B, nh, T, hs); k and v (B, nh, T, hs), or (B, 1, T, hs) shared by all heads as in DeepSeek-V3.2, whose
+    sparse attention runs MLA in its MQA form so that each query gathers its keys once for all heads;
+    index_scores (B, T, T) with -inf on future keys.
     """
     B, nh, T, hs = q.shape
+    n_kv = k.size(1)
     top, idx = index_scores.topk(min(topk, T), dim=-1)  # (B, T, k)
-    kk = idx.size(-1)
-    gather_idx = idx[:, None, :, :, None].expand(B, nh, T, kk, hs)
-    k_sel = k[:, :, None].expand(B, nh, T, T, hs).gather(3, gather_idx)  # (B, nh, T, k, hs), no (T, T, hs) copy
-    v_sel = v[:, :, None].expand(B, nh, T, T, v.size(-1)).gather(3, gather_idx[..., :1].expand(B, nh, T, kk, v.size(-1)))
-    att = (q[:, :, :, None] @ k_sel.transpose(-2, -1)).squeeze(3) / math.sqrt(hs)  # (B, nh, T, k)
-    att = att.masked_fill(~(top > float("-inf"))[:, None], float("-inf"))  # early queries have fewer than k keys
+    b = torch.arange(B, device=q.device)[:, None, None, None]
+    h = torch.arange(n_kv, device=q.device)[None, :, None, None]
+    k_sel, v_sel = k[b, h, idx[:, None]], v[b, h, idx[:, None]]  # (B, n_kv, T, k, hs): each query's own keys
+    q = q.view(B, n_kv, nh // n_kv, T, hs).transpose(2, 3)  # (B, n_kv, T, g, hs): the g query heads per KV head
+    att = (q @ k_sel.transpose(-2, -1)) / math.sqrt(hs)  # (B, n_kv, T, g, k)
+    att = att.masked_fill(~(top > float("-inf"))[:, None, :, None], float("-inf"))  # early queries have < k keys
     att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (att[:, :, :, None] @ v_sel).squeeze(3)  # (B, nh, T, hs)
+    return (att @ v_sel).transpose(2, 3).reshape(B, nh, T, v.size(-1))  # (B, nh, T, hs)
 
 
 class SparseAttention(nn.Module):

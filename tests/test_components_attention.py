@@ -312,6 +312,9 @@ def test_sparse_attention_gather_equals_masked_sdpa():
     scores = torch.randn(2, 16, 16).masked_fill(~loop_mask(16, lambda i, j: j <= i), float("-inf"))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=topk_mask(scores, 5))
     assert (sparse_attention(q, k, v, scores, topk=5) - expected).abs().max() < 1e-6
+    k1, v1 = k[:, :1], v[:, :1]  # one KV head shared by all query heads (MQA), as DSA runs it
+    expected = F.scaled_dot_product_attention(q, k1, v1, attn_mask=topk_mask(scores, 5), enable_gqa=True)
+    assert (sparse_attention(q, k1, v1, scores, topk=5) - expected).abs().max() < 1e-6
 
 
 def test_sparse_attention_module_trains_its_indexer():
