@@ -313,9 +313,13 @@ def test_lone_surrogates_become_replacement_chars_as_in_tiktoken(trained):
     assert trained.decode(trained.encode(text)) == "a\ufffdb\ufffdc"
 
 
-def test_decode_bad_id(trained):
+def test_decode_bad_id_and_arrays(trained):
     with pytest.raises(ValueError, match="token id 999999 is not in the vocabulary"):
         trained.decode([1, 999999])
+    import numpy as np
+    import torch
+    ids = trained.encode("héllo wörld")
+    assert trained.decode(np.array(ids, dtype=np.uint16)) == trained.decode(torch.tensor(ids)) == "héllo wörld"
 
 
 def check_stream(tok, ids):
