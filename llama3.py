@@ -571,8 +571,10 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
         if hf_key is None:
             raise ValueError(f"{paths[0]}: unexpected key {key!r}: not a Llama 3 checkpoint in Meta's format")
         parts = [s[key] for s in shards]
-        if key.endswith("norm.weight"):
-            tensor = parts[0]
+        if len(parts) == 1:
+            tensor = parts[0]   # still the mapped file: no copy unless a permutation or a dtype needs one
+        elif key.endswith("norm.weight"):
+            tensor = parts[0].clone()   # a copy, or this small tensor would keep shard 0's whole map alive
         else:
             tensor = torch.cat(parts, dim=1 if key.endswith(("wo.weight", "w2.weight")) else 0)
         _check_key(expected, hf_key, tensor, meta_dir, "params.json", shown_key=key)
