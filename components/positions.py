@@ -206,7 +206,8 @@ def rope_yarn(dim, theta, factor, original_max_position_embeddings, beta_fast=32
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # a one-point ramp would divide by zero
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0: extrapolate, 1: interpolate
+    # per pair: 0 keeps the frequency (extrapolate), 1 divides it by factor (interpolate), linear in between
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     inv_freq = rope_inv_freq(dim, theta)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     if mscale and mscale_all_dim:

@@ -34,7 +34,8 @@ def hf_causal_mask(T):
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_equals_sdpa(causal):
     q, k, v = qkv()
-    assert (attention(q, k, v, causal=causal) - F.scaled_dot_product_attention(q, k, v, is_causal=causal)).abs().max() < 1e-6
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert (attention(q, k, v, causal=causal) - expected).abs().max() < 1e-6
 
 
 def test_attention_masks_equal_sdpa():
@@ -43,7 +44,8 @@ def test_attention_masks_equal_sdpa():
     bool_mask[..., 0] = True  # every row keeps a key
     bias = torch.randn(3, 16, 16)
     for mask in (bool_mask, bias):
-        assert (attention(q, k, v, mask=mask) - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() < 1e-6
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert (attention(q, k, v, mask=mask) - expected).abs().max() < 1e-6
 
 
 def test_causal_decoding_rows_equal_last_rows_of_full():

@@ -226,7 +226,8 @@ def test_capacity_drops_exactly_the_assignments_over_capacity():
             expected[t, slot] = used[e] < capacity
             used[e] += 1
     assert torch.equal(keep, expected) and (~keep).any()
-    assert torch.equal(torch.bincount(idx[keep], minlength=4), torch.bincount(idx.flatten(), minlength=4).clamp(max=capacity))
+    kept_per_expert = torch.bincount(idx[keep], minlength=4)
+    assert torch.equal(kept_per_expert, torch.bincount(idx.flatten(), minlength=4).clamp(max=capacity))
 
 
 def test_moe_with_capacity_zeroes_exactly_the_dropped_tokens():

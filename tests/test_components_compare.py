@@ -1,0 +1,90 @@
+"""The harness's own pieces: the CPU peak-memory meter, the offline data, the tiny model it trains."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from components.compare import (ByteData, PeakMemory, TinyConfig, TinyLM, count_flops, main, stdlib_bytes,
+                                train_variant, write_atomic)
+
+
+def test_peak_memory_counts_live_storages():
+    with PeakMemory() as pm:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 8000 live
+        del a
+        c = b + 1  # a was freed: still 8000
+        d = c.view(10, 100)  # a view allocates nothing
+    assert pm.peak == 2 * b.nbytes and d.untyped_storage().nbytes() == c.nbytes
+
+
+def test_peak_memory_sees_tensors_autograd_keeps_for_backward():
+    x = torch.randn(1000, requires_grad=True)
+    with PeakMemory() as pm:
+        y = (x * 2).exp()  # x * 2 is freed; exp's output is saved for its backward
+        s = y.sum()
+        del y
+        after_forward = pm.current
+        s.backward()
+    assert after_forward >= x.nbytes  # the saved exp output is still alive, though no Python name holds it
+    assert pm.peak >= 2 * x.nbytes  # during backward: the saved output and x.grad at least
+
+
+def test_count_flops_counts_matmuls():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    q = k = v = torch.randn(1, 2, 32, 8)
+    # F.scaled_dot_product_attention on CPU: two (32 x 8) @ (8 x 32) products per head
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * 2 * (2 * 32 * 32 * 8)
+
+
+def test_stdlib_data_is_deterministic_and_shifted():
+    assert torch.equal(stdlib_bytes(200_000), stdlib_bytes(200_000))
+    data = ByteData(200_000)
+    x, y = data.batch("train", 4, 16, torch.Generator().manual_seed(0), "cpu")
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < 256
+
+
+CONFIGS = [dict(), dict(n_kv_head=1), dict(attn="mla"), dict(attn="sparse", topk=4), dict(window=4),
+           dict(pos="learned"), dict(pos="sinusoidal"), dict(pos="alibi"), dict(pos="none"),
+           dict(norm="layer", prenorm=False), dict(qk_norm=True), dict(ffn="gelu"), dict(ffn="reglu"),
+           dict(ffn="moe", router="sigmoid", bias_update_rate=1e-3), dict(ffn="moe", router="noisy", n_shared=1),
+           dict(ffn="moe", capacity_factor=1.0)]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_tiny_model_variants_run(kw):
+    torch.manual_seed(0)
+    cfg = TinyConfig(n_embd=32, n_head=4, block_size=16, max_len=32, **kw)
+    model = TinyLM(cfg)
+    logits = model(torch.randint(256, (2, 16)))
+    assert logits.shape == (2, 16, 256) and torch.isfinite(logits).all()
+    loss = logits.logsumexp(-1).mean() + model.aux_loss()
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "w_noise" not in n and "indexer" not in n)
+
+
+def test_tiny_model_rejects_mla_without_rope_and_learned_beyond_table():
+    with pytest.raises(ValueError, match="attn='mla' needs pos='rope'"):
+        TinyLM(TinyConfig(attn="mla", pos="alibi"))
+    model = TinyLM(TinyConfig(n_embd=32, pos="learned", max_len=8))
+    with pytest.raises(ValueError, match="learned table of 8 rows"):
+        model(torch.randint(256, (1, 9)))
+
+
+def test_training_lowers_the_loss_and_moe_reports_balance():
+    data = ByteData(200_000)
+    cfg = TinyConfig(n_layer=1, n_embd=32, block_size=32, ffn="moe", n_expert=2)
+    r = train_variant(cfg, data, steps=25, batch_size=8, lr=1e-2, device="cpu", eval_lengths=[32, 64], eval_batches=2)
+    assert r["curve"][-1] < r["curve"][0] - 1.0  # from ln(256) = 5.5 towards the byte entropy
+    assert set(r["val"]) == {32, 64} and r["imbalance"] >= 1.0 and r["active"] < r["params"]
+
+
+def test_write_atomic_and_cli_errors(tmp_path):
+    write_atomic(tmp_path / "r.md", b"hello")
+    assert (tmp_path / "r.md").read_bytes() == b"hello" and [p.name for p in tmp_path.iterdir()] == ["r.md"]
+    with pytest.raises(SystemExit):
+        main(["kernels"])
+    cfg = replace(TinyConfig(), n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="n_embd=30 must be n_head=4 times"):
+        TinyLM(cfg)
