@@ -31,7 +31,7 @@ class Config:
     block_size: int = 256        # maximum context length (n_positions)
     n_layer: int = 4
     n_head: int = 4
-    n_embd: int = 256
+    n_embd: int = 128
     n_inner: int | None = None   # MLP width; None means 4 * n_embd, as in every official size
     dropout: float = 0.0
     layer_norm_epsilon: float = 1e-5

@@ -21,10 +21,8 @@ The tokenizer's files are written to data/<name>/tokenizer/, from where train.py
 """
 import argparse
 import hashlib
-import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +103,10 @@ def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
             shutil.copyfile(src / name, tok_dir / name)
         tok = bpe.load(tok_dir)
     else:
-        src = hub.resolve(spec)
+        src = Path(hub.resolve(spec))
         tok = bpe.load(src)
-        for path in Path(src).iterdir():
-            if path.name in bpe.TOKENIZER_FILES:
+        for path in [*src.iterdir(), src / "original" / "tokenizer.model"]:   # Meta's layout keeps it in original/
+            if path.name in bpe.TOKENIZER_FILES and path.is_file() and not (tok_dir / path.name).exists():
                 shutil.copyfile(path, tok_dir / path.name)
     eot = tok.special_tokens.get(EOT)
     if eot is None:

@@ -129,8 +129,9 @@ def fit_prompt(ids, max_new_tokens, context):
     return ids, max_new_tokens
 
 
-def stream(model, tok, ids, args, generator, out=sys.stdout):
+def stream(model, tok, ids, args, generator, out=None):
     """Generate from ids, printing text as it comes; returns the new token ids."""
+    out = out or sys.stdout
     ids, max_new = fit_prompt(ids, args.max_new_tokens, model.config.block_size)
     device = next(model.parameters()).device
     decoder = tok.decoder()

@@ -69,9 +69,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from <out_dir>/last exactly")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=16, help="sequences per micro-step per process")
-    g.add_argument("--seq_len", type=int, default=256)
+    g.add_argument("--seq_len", type=int, default=128)
     g.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--max_steps", type=int, default=800)
+    g.add_argument("--max_steps", type=int, default=600)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--min_lr", type=float, default=None, help="end of cosine decay (default: lr / 10)")
     g.add_argument("--warmup_steps", type=int, default=50)
@@ -121,8 +121,9 @@ def _literal(s):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Data: memory-mapped token shards; batch indices are a pure function of (seed, step, micro-step), so a
-# resumed run sees exactly the batches it would have seen, and DDP ranks take disjoint slices of one global batch
+# Data: memory-mapped token shards. A step's global batch is a pure function of (seed, step), so a resumed run
+# sees exactly the batches it would have seen; each (micro-step, rank) takes its own slice of that global batch,
+# so 8 GPUs x batch 4, 1 GPU x batch 32, or batch 8 x 4 accumulation steps all train on the same sequences.
 
 
 class TokenData:
@@ -142,12 +143,13 @@ class TokenData:
             if n <= seq_len + 1:
                 raise TrainingError(f"--data {path}: {n} tokens, fewer than --seq_len + 2 = {seq_len + 2}")
 
-    def batch(self, split, indices_seed, batch_size, rank=0, world=1):
+    def batch(self, split, seed, batch_size, part=0, parts=1):
+        """Slice `part` of `parts` of the global batch drawn with `seed`: (B, T) inputs and targets."""
         # a fresh memmap per batch avoids the slow growth of memory that a long-lived one shows (nanoGPT)
         data = np.memmap(self.paths[split], dtype=self.meta["dtype"], mode="r")
-        g = torch.Generator().manual_seed(indices_seed)
-        ix = torch.randint(len(data) - self.seq_len - 1, (batch_size * world,), generator=g)
-        ix = ix[rank * batch_size:(rank + 1) * batch_size]
+        g = torch.Generator().manual_seed(seed)
+        ix = torch.randint(len(data) - self.seq_len - 1, (batch_size * parts,), generator=g)
+        ix = ix[part * batch_size:(part + 1) * batch_size]
         chunk = torch.stack([torch.from_numpy(data[i:i + self.seq_len + 1].astype(np.int64)) for i in ix.tolist()])
         if chunk.max() >= self.vocab_size:
             raise TrainingError(f"--data {self.paths[split]}: token id {int(chunk.max())} is beyond the model's "
@@ -155,8 +157,8 @@ class TokenData:
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()   # (B, T) inputs, (B, T) targets
 
 
-def step_seed(seed, step, micro):
-    return seed * 1_000_003 + step * 1009 + micro
+def step_seed(seed, step):
+    return seed * 1_000_003 + step
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def train(args, module):
         for split in ("train", "val"):
             total = torch.zeros((), device=device)
             for i in range(args.eval_iters):
-                x, y = data.batch(split, step_seed(args.seed + 1, 0, i), args.batch_size, rank, world)
+                x, y = data.batch(split, step_seed(args.seed + 1, -i), args.batch_size, rank, world)
                 with torch.no_grad(), autocast:
                     _, loss = model(x.to(device), y.to(device))
                 total += loss.float()
@@ -403,7 +405,8 @@ def train(args, module):
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(args.grad_accum):
-                x, y = data.batch("train", step_seed(args.seed, step, micro), args.batch_size, rank, world)
+                x, y = data.batch("train", step_seed(args.seed, step), args.batch_size,
+                                  part=micro * world + rank, parts=args.grad_accum * world)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # DDP: all-reduce the gradients only on the last micro-step
                 sync = nullcontext() if (not ddp or micro == args.grad_accum - 1) else model.no_sync()
