@@ -25,7 +25,8 @@ import train  # noqa: E402
 
 def minimal_loop(model, data, args, device, dtype):
     """The smallest honest loop: sample a batch, forward, backward, clip, step. Returns step times."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    # the same fused AdamW as train.py, so the ratio measures the loop around it, not the optimizer kernel
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type in ("cuda", "cpu"))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     times = []
     for step in range(args.warmup + args.steps):
@@ -53,6 +54,7 @@ def main():
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of train.py and the minimal loop")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", action="store_true")
@@ -82,24 +84,28 @@ def main():
                 "--device", str(device), "--dtype", a.dtype, "--warmup_steps", "1", "--lr", "1e-4"]
         if a.compile:
             argv.append("--compile")
-        args, _ = train.parse_args(argv)
-        model, _ = train.train(args, module)
-        rows = [json.loads(line) for line in (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()]
-        ours = statistics.median(r["tokens_per_s"] for r in rows if r.get("step", 0) > a.warmup and "tokens_per_s" in r)
-
-        results = {f"train.py{' (compiled)' if a.compile else ''}": ours}
-        if not a.skip_minimal:
-            torch.manual_seed(0)
-            fresh = module.Model(module.Config(**{**vars(config)})).to(device)
-            if a.compile:
-                fresh = torch.compile(fresh)
-            data = np.memmap(data_dir / "train.bin", dtype=dt, mode="r")
-            results["minimal loop"] = tokens_per_step / statistics.median(minimal_loop(fresh, data, a, device, dtype))
+        # alternate the two loops for --rounds rounds, so both see the same machine load; medians over all steps
+        ours, minimal = [], []
+        for r in range(a.rounds):
+            args, _ = train.parse_args(argv[:5] + [str(Path(tmp) / f"out{r}")] + argv[6:])
+            model, _ = train.train(args, module)
+            rows = [json.loads(line) for line in (Path(tmp) / f"out{r}" / "metrics.jsonl").read_text().splitlines()]
+            ours += [row["tokens_per_s"] for row in rows if row.get("step", 0) > a.warmup and "tokens_per_s" in row]
+            if not a.skip_minimal:
+                torch.manual_seed(0)
+                fresh = module.Model(module.Config(**vars(config))).to(device)
+                if a.compile:
+                    fresh = torch.compile(fresh)
+                data = np.memmap(data_dir / "train.bin", dtype=dt, mode="r")
+                minimal += [tokens_per_step / t for t in minimal_loop(fresh, data, a, device, dtype)]
+        results = {f"train.py{' (compiled)' if a.compile else ''}": statistics.median(ours)}
+        if minimal:
+            results["minimal loop"] = statistics.median(minimal)
 
     flops = model.flops_per_token(a.seq_len)
     peak = train.peak_flops(device)
     print(f"{a.model} {a.preset or 'Config()'} ({model.num_params() / 1e6:.1f}M params), batch {a.batch_size} x "
-          f"{a.seq_len}, {device} {dtype}, {a.steps} timed steps after {a.warmup} warm-up, torch threads "
+          f"{a.seq_len}, {device} {dtype}, {a.rounds} x {a.steps} timed steps (each after {a.warmup} warm-up), torch threads "
           f"{torch.get_num_threads()}")
     base = results.get("minimal loop")
     for name, tps in results.items():
