@@ -1,10 +1,13 @@
 """The harness's own pieces: the CPU peak-memory meter, the offline data, the tiny model it trains."""
+import sys
+import types
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
 
-from components.compare import (ByteData, PeakMemory, TinyConfig, TinyLM, count_flops, main, stdlib_bytes,
+from components.compare import (ByteData, PeakMemory, TinyConfig, TinyLM, count_flops, main, plot, stdlib_bytes,
                                 train_variant, write_atomic)
 
 
@@ -88,3 +91,20 @@ def test_write_atomic_and_cli_errors(tmp_path):
     cfg = replace(TinyConfig(), n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="n_embd=30 must be n_head=4 times"):
         TinyLM(cfg)
+
+
+def test_plots_only_with_matplotlib(tmp_path, monkeypatch):
+    rows = [dict(name=n, T=T, ms=1.0, mb=2.0) for n in ("a", "b") for T in (128, 512)]
+    results = {"a": dict(curve=[3.0, 2.0, 1.0])}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
+    assert plot("attention", str(tmp_path), rows, rows, results) == []
+    # a stand-in matplotlib whose savefig writes the file: the plotting code runs end to end
+    fig = mock.MagicMock()
+    fig.savefig.side_effect = lambda path, **kw: open(path, "wb").close()
+    pyplot = types.SimpleNamespace(subplots=lambda *a, **kw: (fig, [mock.MagicMock(), mock.MagicMock()])
+                                   if a == (1, 2) else (fig, mock.MagicMock()), close=lambda f: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    written = plot("attention", str(tmp_path), rows, rows, results)
+    assert written == ["attention_layers.png", "attention_kernels.png", "attention_training.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
