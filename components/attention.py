@@ -271,8 +271,8 @@ def sparse_attention(q, k, v, index_scores, topk):
     """
     Attention of each query over only its top-k keys by index score, gathering them instead of masking a
     (T, T) matrix: memory O(T * topk * hs). Equals attention(q, k, v, mask=topk_mask(index_scores, topk)).
-    q (B, nh, T, hs); k and v (B, nh, T, hs), or (B, 1, T, hs) shared by all heads as in DeepSeek-V3.2, whose
-    sparse attention runs MLA in its MQA form so that each query gathers its keys once for all heads;
+    q (B, nh, T, hs); k and v (B, n_kv, T, hs) with n_kv dividing nh, e.g. 1 as in DeepSeek-V3.2, whose sparse
+    attention runs MLA in its MQA form so that each query gathers its keys once for all heads;
     index_scores (B, T, T) with -inf on future keys.
     """
     B, nh, T, hs = q.shape
@@ -281,7 +281,7 @@ def sparse_attention(q, k, v, index_scores, topk):
     b = torch.arange(B, device=q.device)[:, None, None, None]
     h = torch.arange(n_kv, device=q.device)[None, :, None, None]
     k_sel, v_sel = k[b, h, idx[:, None]], v[b, h, idx[:, None]]  # (B, n_kv, T, k, hs): each query's own keys
-    q = q.view(B, n_kv, nh // n_kv, T, hs).transpose(2, 3)  # (B, n_kv, T, g, hs): the g query heads per KV head
+    q = q.reshape(B, n_kv, nh // n_kv, T, hs).transpose(2, 3)  # (B, n_kv, T, g, hs): the g query heads per KV head
     att = (q @ k_sel.transpose(-2, -1)) / math.sqrt(hs)  # (B, n_kv, T, g, k)
     att = att.masked_fill(~(top > float("-inf"))[:, None, :, None], float("-inf"))  # early queries have < k keys
     att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)

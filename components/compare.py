@@ -641,7 +641,10 @@ def run(family, quick, out_dir, device):
             "moe": moe_family}[family](s, device)
     t0 = time.perf_counter()
     mode = "quick" if quick else "full"
-    report = [f"# components: {family} ({mode}, {device.type}, torch {torch.__version__})", "", INTRO[family], ""]
+    report = [f"# components: {family} ({mode}, {device.type}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__})", "", INTRO[family], "",
+              "CPU times move with whatever else runs on the machine, kernels made of many small operators "
+              "(flash, ring) the most; FLOPs and peak memory do not.", ""]
     print("\n".join(report))
 
     report += ["## Layers", ""]

@@ -24,8 +24,6 @@ import math
 
 import torch
 
-from components.attention import causal_mask
-
 
 def _tile_scores(q, k, i0, j0, scale, causal, offset):
     """Scores of query tile starting at row i0 against key tile starting at column j0, causally masked."""
@@ -45,7 +43,8 @@ class FlashAttentionFunction(torch.autograd.Function):
         B, nh, Tq, hs = q.shape
         Tk = k.size(-2)
         offset = Tk - Tq  # queries are the last Tq positions: query i sees keys j <= i + offset
-        causal_mask(Tq, Tk)  # validates Tq <= Tk
+        if causal and Tq > Tk:
+            raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq} > Tk={Tk}")
         scale = 1.0 / math.sqrt(hs)
         o = torch.empty(B, nh, Tq, v.size(-1), device=q.device, dtype=q.dtype)
         lse = torch.empty(B, nh, Tq, device=q.device, dtype=torch.float32)
