@@ -621,8 +621,10 @@ INTRO = {
                  "Peak memory covers forward and backward, parameter gradients included. The masked variants "
                  "still build (T, T) scores; the split dilated window does not, and the gathered sparse kernel "
                  "holds each query's top-k keys and values instead, O(T * k * hs), which only beats the dense "
-                 "O(T^2 * heads) at long T (a fused kernel would not materialize them). Training: which keys each "
-                 "query may see, and what is cached, at equal width.",
+                 "O(T^2 * heads) at long T (a fused kernel would not materialize them). MLA absorbed costs more "
+                 "FLOPs than naive over a whole sequence; it pays off when decoding, where nothing per head is "
+                 "rebuilt from the latent cache. Training: which keys each query may see, and what is cached, at "
+                 "equal width.",
     "position": "A one-block model (n_embd=256) around each position scheme. Training at T = block size, evaluated "
                 "also at 2x and 4x: the learned table's rows beyond the training length were never trained.",
     "norm": "One block (n_embd=256, 8 heads) per placement and norm. Training: a deeper stack, where post-norm "

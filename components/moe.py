@@ -131,6 +131,9 @@ class MoE(nn.Module):
             raise ValueError(f"router={router!r}: expected 'softmax', 'noisy' or 'sigmoid'")
         if not 1 <= top_k <= n_expert:
             raise ValueError(f"top_k={top_k} must be between 1 and n_expert={n_expert}")
+        if n_expert % n_group or not 1 <= topk_group <= n_group:
+            raise ValueError(f"n_group={n_group} must divide n_expert={n_expert}, and topk_group={topk_group} "
+                             f"be between 1 and n_group")
         self.n_expert, self.top_k, self.router = n_expert, top_k, router
         self.renormalize, self.capacity_factor = renormalize, capacity_factor
         self.n_group, self.topk_group, self.routed_scaling = n_group, topk_group, routed_scaling

@@ -254,4 +254,6 @@ def test_moe_active_parameters():
     assert moe.num_params(active=True) == 16 * 8 + 3 * per_expert
     with pytest.raises(ValueError, match="top_k=9"):
         MoE(16, 24, n_expert=8, top_k=9)
+    with pytest.raises(ValueError, match="n_group=3 must divide n_expert=8"):
+        MoE(16, 24, n_expert=8, top_k=2, router="sigmoid", n_group=3)
     assert math.isclose(switch_aux_loss(torch.zeros(8, 4), torch.arange(8).remainder(4)[:, None], 4).item(), 1.0)
