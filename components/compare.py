@@ -6,8 +6,8 @@ The comparison harness: one family of variants, side by side.
 For the family it prints, and writes to DIR/<family>.md (default components/report/):
 1. a layer table: each variant as one layer (for attention, also the bare kernels) at several sequence
    lengths: parameters, FLOPs of forward + backward (counted by torch.utils.flop_counter, which counts matrix
-   products), KV-cache bytes per token and layer in bf16, forward + backward time (median of a few runs) and
-   peak memory;
+   products), KV-cache bytes per token and layer in bf16, forward + backward time (the best of a few runs: other
+   processes only ever add time) and peak memory;
 2. a training table: a tiny byte-level language model per variant, trained for the same number of steps on the
    same batches of Python's standard library source (always there, offline) and scored on held-out bytes.
    It is short: differences smaller than a few hundredths of a nat are noise.
@@ -24,7 +24,6 @@ before) and cannot see scratch memory inside a single kernel.
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -130,7 +129,7 @@ class LayerVariant:
 
 
 def measure_layer(v, T, device, reps):
-    """FLOPs, peak bytes and median seconds of forward + backward of variant v at length T."""
+    """FLOPs, peak bytes and best-of-reps seconds of forward + backward of variant v at length T."""
     inputs = v.make_inputs(T)
 
     def step():
@@ -150,7 +149,7 @@ def measure_layer(v, T, device, reps):
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return flops, peak, statistics.median(times)
+    return flops, peak, min(times)
 
 
 def layer_table(variants, Ts, device, reps):
