@@ -2,6 +2,7 @@
 
     python bench/sample_throughput.py                      # GPT-2 124M shape, batch 1, CPU fp32, greedy, 256 tokens
     python bench/sample_throughput.py --preset gpt2-medium --new_tokens 128 --device cuda
+    python bench/sample_throughput.py --model llama3       # a 100M-parameter Llama 3.2 in miniature (LLAMA_100M)
 
 The weights are random (no download): speed does not depend on their values, and both implementations load
 the same checkpoint. Each figure is the median of --repeats runs; the ratios are measured in the same run.
@@ -17,7 +18,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpt2  # noqa: E402
+import llama3  # noqa: E402
 import sample  # noqa: E402
+
+# Llama's default shape: 12 layers, d 768, 12 query / 4 KV heads, SwiGLU 2048, a 32768-token vocabulary tied to the
+# head, RoPE scaled by 32 as in 3.2; 101M parameters
+LLAMA_100M = llama3.Config(vocab_size=32768, block_size=2048, n_layer=12, n_head=12, n_kv_head=4, n_embd=768,
+                           intermediate_size=2048, rope_scale_factor=32.0, rope_original_context=1024,
+                           tie_word_embeddings=True)
+MODELS = {"gpt2": (gpt2, "GPT2LMHeadModel"), "llama3": (llama3, "LlamaForCausalLM")}
 
 
 def timed(fn, repeats):
@@ -33,7 +42,9 @@ def timed(fn, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="gpt2")
+    p.add_argument("--model", default="gpt2", help=" | ".join(MODELS))
+    p.add_argument("--preset", default=None, help="a PRESETS name of the model file (default: gpt2; for llama3 "
+                   "LLAMA_100M)")
     p.add_argument("--prompt_tokens", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
@@ -44,7 +55,10 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = gpt2.GPT(gpt2.PRESETS[a.preset]).to(a.device).eval()
+    module, hf_class = MODELS[a.model]
+    name = a.preset or ("gpt2" if a.model == "gpt2" else "llama 100M")
+    config = module.PRESETS[a.preset] if a.preset else gpt2.PRESETS["gpt2"] if a.model == "gpt2" else LLAMA_100M
+    model = module.Model(config).to(a.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, a.prompt_tokens), device=a.device)
     n = a.new_tokens
 
@@ -60,7 +74,7 @@ def main():
         import transformers
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
-            hf = transformers.GPT2LMHeadModel.from_pretrained(d).to(a.device).eval()
+            hf = getattr(transformers, hf_class).from_pretrained(d, dtype=torch.float32).to(a.device).eval()
         cfg = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         with torch.inference_mode():
             ref = hf.generate(prompt, **cfg)
@@ -68,7 +82,7 @@ def main():
             agree = (ref[0, a.prompt_tokens:] == mine[0]).float().mean().item()
             rows["transformers generate()"] = n / timed(lambda: hf.generate(prompt, **cfg), a.repeats)
     base = rows.get("transformers generate()")
-    print(f"{a.preset}, batch 1, {a.device} fp32, greedy, {a.prompt_tokens} prompt + {n} new tokens, "
+    print(f"{name} ({model.num_params() / 1e6:.0f}M parameters), batch 1, {a.device} fp32, greedy, {a.prompt_tokens} prompt + {n} new tokens, "
           f"torch threads {torch.get_num_threads()}, median of {a.repeats}")
     print(f"{'':28s} {'tokens/s':>10s} {'vs generate()':>14s} {'vs no cache':>12s}")
     for name, tps in rows.items():
