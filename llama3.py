@@ -172,10 +172,10 @@ def rope_frequencies(config):
     original_context / wavelength. For the 8B (hd 128, theta 5e5, factor 8): the 1st of 64 frequencies is kept
     (wavelength 6.3 tokens) and the last is divided by 8 (wavelength 2.6M tokens).
 
-    Always fp32 on the CPU (explicitly, so a model built on the meta device still has real frequencies).
+    Always fp32: a bf16 frequency (3 significant digits) would put position 100000's angle ~200 radians off.
     """
     hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, device="cpu").float() / hd))   # (hd/2,)
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2).float() / hd))   # (hd/2,)
     if config.rope_scale_factor is None:
         return inv_freq
     factor, low, high = config.rope_scale_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
@@ -303,7 +303,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight   # one Parameter, as in 3.2 1B/3B
-        # not saved: recomputed from the config, and kept in fp32 (the loader never casts it)
+        # not saved: recomputed from the config (from_pretrained too), kept in fp32 (the loader never casts it)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         self.apply(self._init_weights)
         # GPT-2's init: the projections into the residual stream scaled by 1/sqrt(number of residual layers)
@@ -398,6 +398,7 @@ class Llama(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_frequencies(config)   # built on the meta device, the buffer has no values yet
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, directory):
@@ -508,29 +509,33 @@ def _config_from_params(params, meta_dir, directory, rope_scale_factor):
                         tie_word_embeddings=False, block_size=8192)
     except KeyError as e:
         raise ValueError(f"{meta_dir / 'params.json'}: lacks {e.args[0]!r}") from None
-    # a config.json beside the weights (HF's hub repos carry both layouts) knows the factor and the context
+    # a config.json beside the weights (HF's hub repos carry both layouts) knows the factor and the context;
+    # failing that, an official size with these dimensions does
     hf_json = next((p / "config.json" for p in (directory, meta_dir.parent) if (p / "config.json").exists()), None)
     hf = Config.from_hf(hub.read_json(hf_json)) if hf_json else None
-    arch = lambda c: (c.vocab_size, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.intermediate_size)
-    match = next((p for p in PRESETS.values() if arch(p) == arch(config)
-                  and (p.rope_scale_factor is not None) == bool(params.get("use_scaled_rope"))), None)
-    known = hf or match
+
+    def arch(c):
+        return c.vocab_size, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.intermediate_size
+
+    official = next((p for p in PRESETS.values() if arch(p) == arch(config) and p.rope_scale_factor), None)
+    known = next((c for c in (hf, official) if c is not None and c.rope_scale_factor), None)
     if params.get("use_scaled_rope"):
         factor = rope_scale_factor or (known.rope_scale_factor if known else None)
         if factor is None:
-            raise ValueError(f"{meta_dir / 'params.json'} sets use_scaled_rope but Meta's format does not store the "
-                             f"RoPE scale factor (8 for Llama 3.1/3.3, 32 for 3.2 1B/3B) and no official size "
-                             f"matches these dimensions: pass it, e.g. from_pretrained(..., rope_scale_factor=32)")
+            raise ValueError(f"{meta_dir / 'params.json'} sets use_scaled_rope, but Meta's format does not store "
+                             f"the RoPE scale factor (8 for Llama 3.1/3.3, 32 for 3.2 1B/3B), no config.json is "
+                             f"beside it and no official size has these dimensions: pass it, e.g. "
+                             f"Llama.from_pretrained(path, rope_scale_factor=32)")
         config.rope_scale_factor = float(factor)
-        config.block_size = known.block_size if known else 131072
+        config.block_size = 131072   # Llama 3.1 and later: 128K
         if known:
+            config.block_size, config.rope_original_context = known.block_size, known.rope_original_context
             config.rope_low_freq_factor, config.rope_high_freq_factor = (known.rope_low_freq_factor,
                                                                          known.rope_high_freq_factor)
-            config.rope_original_context = known.rope_original_context
     elif rope_scale_factor is not None:
         config.rope_scale_factor = float(rope_scale_factor)
-    if known:
-        config.bos_token_id, config.eos_token_id = known.bos_token_id, known.eos_token_id
+    if hf:
+        config.bos_token_id, config.eos_token_id = hf.bos_token_id, hf.eos_token_id
     elif config.vocab_size == 128256:   # Llama 3's tokenizer: stop wherever an instruct model may stop
         config.bos_token_id, config.eos_token_id = 128000, list(_STOP)
     return config

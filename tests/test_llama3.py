@@ -240,6 +240,16 @@ def test_meta_factor_from_config_json_beside(models, idx, tmp_path):
     assert max_diff(logits_of(ours(d.parent), idx), ref) <= 1e-4
 
 
+def test_meta_factor_from_the_official_size_with_these_dimensions(models, idx, tmp_path, monkeypatch):
+    hf_model, ref = models["3.2"]
+    d = write_meta(hf_model, tmp_path / "m", scaled=True)
+    official = llama3.Config.from_hf(CONFIGS["3.2"])
+    monkeypatch.setitem(llama3.PRESETS, "tiny-3.2", official)   # stands in for llama3.2-1b's 32
+    model = ours(d)
+    assert model.config.rope_scale_factor == 32.0
+    assert max_diff(logits_of(model, idx), ref) <= 1e-4
+
+
 # ---- KV cache
 
 
