@@ -18,9 +18,16 @@ model directory / hub id (that model's own tokenizer, to fine-tune official weig
 
 Each document ends with the end-of-text token. Ids are stored as uint16 when the vocabulary fits, else uint32.
 The tokenizer's files are written to data/<name>/tokenizer/, from where train.py copies them into checkpoints.
+
+Instruction data (--chat_jsonl, one {"messages": [{"role", "content"}, ...]} per line) is tokenized with the
+model's own chat format (--model, its encode_chat) and gets a loss mask beside the tokens: train.mask.bin
+holds 1 for the tokens of the assistant's replies (their text and end-of-turn token), 0 elsewhere, so
+train.py computes the loss on the replies only (targets = -100 elsewhere).
 """
 import argparse
 import hashlib
+import importlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -160,6 +167,66 @@ def write_split(docs, encoding, eot, dtype, path):
     return n
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Instruction data: chat-formatted tokens and the mask of the assistant's replies
+
+
+def chat_example(module, tok, messages, where):
+    """(ids, mask) of one conversation: mask[i] = 1 where ids[i] belongs to an assistant reply.
+
+    Each reply's span is found by encoding the dialog up to the reply's generation prompt and through the reply:
+    what the second adds to the first is the reply (with its end-of-turn token).
+    """
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+    ids = module.encode_chat(tok, messages, add_generation_prompt=False)
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        before = module.encode_chat(tok, messages[:i], add_generation_prompt=True)
+        through = module.encode_chat(tok, messages[:i + 1], add_generation_prompt=False)
+        if through[:len(before)] != before or ids[:len(through)] != through:
+            raise ValueError(f"{where}: {module.__name__}.encode_chat is not prefix-stable, cannot mask the replies")
+        mask[len(before):len(through)] = [1] * (len(through) - len(before))
+    return ids, mask
+
+
+def prepare_chat(path, model, tokenizer, name=None, out_dir="data", val_fraction=0.05):
+    """Tokenize a JSONL file of conversations for supervised fine-tuning; returns the output directory."""
+    module = importlib.import_module(model)
+    if not hasattr(module, "encode_chat"):
+        raise SystemExit(f"error: --model {model}: {model}.py has no chat format (encode_chat)")
+    path = Path(path)
+    examples = []
+    for n, line in enumerate(bpe.read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                examples.append(json.loads(line)["messages"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SystemExit(f"error: {path}:{n}: not a JSON object with a \"messages\" list ({e})")
+    if len(examples) < 2:
+        raise SystemExit(f"error: {path}: {len(examples)} conversations; need at least 2 (train and val)")
+    out = Path(out_dir) / (name or path.stem)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, eot = get_tokenizer(tokenizer, [], 0, None, out / "tokenizer")
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    n_val = max(1, int(len(examples) * val_fraction))
+    counts = {}
+    for split, part, first in (("train", examples[:-n_val], 1), ("val", examples[-n_val:], len(examples) - n_val + 1)):
+        pairs = [chat_example(module, tok, m, f"{path}:{first + i}") for i, m in enumerate(part)]
+        ids = np.asarray([t for p, _ in pairs for t in p], dtype=dtype)
+        hub.atomic_write(out / f"{split}.bin", ids.tobytes())
+        hub.atomic_write(out / f"{split}.mask.bin", np.asarray([b for _, m in pairs for b in m], dtype=np.uint8).tobytes())
+        counts[split] = len(ids)
+    meta = {"dataset": str(path), "tokenizer": tokenizer, "chat_model": model, "vocab_size": tok.vocab_size,
+            "dtype": np.dtype(dtype).name, "eot_id": eot, "loss_mask": True, "train_tokens": counts["train"],
+            "val_tokens": counts["val"], "train_docs": len(examples) - n_val, "val_docs": n_val}
+    hub.write_json(out / "meta.json", meta)
+    print(f"wrote {out}: {counts['train']:,} train and {counts['val']:,} val tokens of {len(examples)} conversations")
+    return out
+
+
 def prepare(dataset="stdlib", input=None, name=None, tokenizer="bpe", vocab_size=4096, out_dir="data",
             max_mb=8.0, val_fraction=0.05, gpt2_dir=None):
     """Prepare one dataset; returns the output directory. Used by the CLI below and by train.py."""
@@ -201,6 +268,9 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="stdlib", help="stdlib | shakespeare (ignored with --input)")
     p.add_argument("--input", default=None, help="a local text file or folder of text files")
+    p.add_argument("--chat_jsonl", default=None, help="instruction data: JSONL of {\"messages\": [...]} "
+                   "(needs --model and --tokenizer <model dir or hub id>)")
+    p.add_argument("--model", default=None, help="model file whose chat format --chat_jsonl uses (e.g. llama3)")
     p.add_argument("--name", default=None, help="output name under --out_dir (default: dataset or input name)")
     p.add_argument("--tokenizer", default="bpe", help="bytes | bpe | gpt2 | a model directory or hub id")
     p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size for --tokenizer bpe")
@@ -210,6 +280,11 @@ def main(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.05)
     a = p.parse_args(argv)
     try:
+        if a.chat_jsonl:
+            if not a.model or a.tokenizer in ("bpe", "bytes", "gpt2"):
+                raise SystemExit("error: --chat_jsonl needs --model (e.g. llama3) and --tokenizer <model dir or hub id>")
+            prepare_chat(a.chat_jsonl, a.model, a.tokenizer, a.name, a.out_dir, a.val_fraction)
+            return
         prepare(a.dataset, a.input, a.name, a.tokenizer, a.vocab_size, a.out_dir, a.max_mb, a.val_fraction,
                 a.gpt2_dir)
     except (hub.HubError, ValueError, OSError) as e:

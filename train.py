@@ -138,6 +138,8 @@ class TokenData:
                                 f"model's vocab_size {vocab_size}")
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.paths = {split: directory / f"{split}.bin" for split in ("train", "val")}
+        # instruction data: a uint8 mask beside the tokens, 1 where the token is a target (an assistant reply)
+        self.masks = {split: directory / f"{split}.mask.bin" for split in self.paths} if self.meta.get("loss_mask") else {}
         for split, path in self.paths.items():
             n = path.stat().st_size // np.dtype(self.meta["dtype"]).itemsize if path.is_file() else 0
             if n <= seq_len + 1:
@@ -154,7 +156,12 @@ class TokenData:
         if chunk.max() >= self.vocab_size:
             raise TrainingError(f"--data {self.paths[split]}: token id {int(chunk.max())} is beyond the model's "
                                 f"vocab_size {self.vocab_size}")
-        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()   # (B, T) inputs, (B, T) targets
+        x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()   # (B, T) inputs, (B, T) targets
+        if self.masks:
+            mask = np.memmap(self.masks[split], dtype=np.uint8, mode="r")
+            keep = torch.stack([torch.from_numpy(mask[i + 1:i + self.seq_len + 1].astype(np.bool_)) for i in ix.tolist()])
+            y = y.masked_fill(~keep, -100)
+        return x, y
 
 
 def step_seed(seed, step):
@@ -209,10 +216,6 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
-
-
-def context_length(config):
-    return config.block_size
 
 
 def rng_state(device):
@@ -341,8 +344,8 @@ def train(args, module):
             fields["eos_token_id"] = meta["eot_id"]
         model = module.Model(module.Config(**{**fields, **args.model_overrides}))
     config = model.config
-    if args.seq_len > context_length(config):
-        raise TrainingError(f"--seq_len {args.seq_len} exceeds the model's context length {context_length(config)}")
+    if args.seq_len > config.block_size:
+        raise TrainingError(f"--seq_len {args.seq_len} exceeds the model's context length {config.block_size}")
     data = TokenData(data_dir, args.seq_len, config.vocab_size)
     model.to(device)
     optimizer = make_optimizer(model, args, device)
@@ -362,7 +365,7 @@ def train(args, module):
 
     n_params = raw_model.num_params()
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
-    flops_per_step = raw_model.flops_per_token(args.seq_len) * tokens_per_step
+    flops_per_token = raw_model.flops_per_token(args.seq_len)
     peak = peak_flops(device)
     log(f"model {args.model}: {n_params / 1e6:.2f}M parameters | device {device} {dtype} | world {world} | "
         f"{tokens_per_step:,} tokens/step | data {data_dir} ({data.meta['train_tokens']:,} train tokens)")
@@ -374,15 +377,17 @@ def train(args, module):
         model.eval()
         losses = {}
         for split in ("train", "val"):
-            total = torch.zeros((), device=device)
+            total = torch.zeros(2, device=device)   # (sum of batch losses, number of batches)
             for i in range(args.eval_iters):
                 x, y = data.batch(split, step_seed(args.seed + 1, -i), args.batch_size, rank, world)
+                if (y == -100).all():   # instruction data: a window without any reply has no loss
+                    continue
                 with torch.no_grad(), autocast:
                     _, loss = model(x.to(device), y.to(device))
-                total += loss.float()
+                total += torch.stack([loss.float(), torch.ones((), device=device)])
             if ddp:
                 dist.all_reduce(total)
-            losses[split] = total.item() / (args.eval_iters * world)
+            losses[split] = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
         model.train()
         return losses
 
@@ -408,12 +413,15 @@ def train(args, module):
             for micro in range(args.grad_accum):
                 x, y = data.batch("train", step_seed(args.seed, step), args.batch_size,
                                   part=micro * world + rank, parts=args.grad_accum * world)
+                no_targets = data.masks and bool((y == -100).all())
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # DDP: all-reduce the gradients only on the last micro-step
                 sync = nullcontext() if (not ddp or micro == args.grad_accum - 1) else model.no_sync()
                 with sync:
                     with autocast:
-                        _, loss = model(x, y)
+                        logits, loss = model(x, y)
+                    if no_targets:   # a window of instruction data without any reply: no loss, zero gradients
+                        loss = logits.sum() * 0.0
                     scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss.detach().float()
             if ddp:
@@ -436,7 +444,7 @@ def train(args, module):
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t_log
                 tok_s = tokens_since / dt
-                mfu = flops_per_step / tokens_per_step * tok_s / (peak * world) if peak else None
+                mfu = flops_per_token * tok_s / (peak * world) if peak else None
                 log(f"step {step:5d} | loss {step_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
                     + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""))
                 record({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
@@ -488,7 +496,7 @@ def show_sample(model, data_dir, n_tokens, device):
     val = np.memmap(Path(data_dir) / "val.bin", dtype=json.loads((Path(data_dir) / "meta.json").read_text())["dtype"],
                     mode="r")
     prompt = torch.from_numpy(val[:16].astype(np.int64))[None].to(device)
-    n_tokens = min(n_tokens, context_length(model.config) - prompt.size(1))
+    n_tokens = min(n_tokens, model.config.block_size - prompt.size(1))
     print("\n--- sample (prompt: first 16 validation tokens) ---")
     print(tok.decode(prompt[0].tolist()), end="", flush=True)
     decoder = tok.decoder()

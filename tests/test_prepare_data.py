@@ -99,3 +99,55 @@ def test_bad_input(tmp_path):
         prepare_data.prepare(input=str(tmp_path))
     with pytest.raises(SystemExit, match="--vocab_size 100"):
         prepare_data.prepare(input=str(make_folder(tmp_path / "s")), vocab_size=100, out_dir=str(tmp_path / "d"))
+
+
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def test_chat_jsonl_masks_exactly_the_replies(tmp_path):
+    import llama3
+    import train
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    bpe.train("user assistant system hello there, how are you? fine thanks\n\n" * 20, 300,
+              special_tokens=LLAMA_SPECIALS).save(tok_dir / bpe.SAVE_NAME)
+    convs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hello {i}"},
+              {"role": "assistant", "content": f"fine {i}"}, {"role": "user", "content": "how are you?"},
+              {"role": "assistant", "content": "fine thanks"}] for i in range(6)]
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    out = prepare_data.prepare_chat(jsonl, "llama3", str(tok_dir), out_dir=str(tmp_path / "data"), val_fraction=0.2)
+    tok = bpe.load(out / "tokenizer")
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    mask = np.fromfile(out / "train.mask.bin", dtype=np.uint8)
+    assert ids.tolist() == [t for c in convs[:5] for t in llama3.encode_chat(tok, c, add_generation_prompt=False)]
+    eot = tok.special_tokens["<|eot_id|>"]
+    # the masked tokens are exactly each reply's text followed by <|eot_id|>
+    replies, cur = [], []
+    for t, m in zip(ids.tolist(), mask.tolist()):
+        if m:
+            cur.append(t)
+            if t == eot:
+                replies.append(tok.decode(cur[:-1]))
+                cur = []
+    assert replies == [r for c in convs[:5] for r in (c[2]["content"], c[4]["content"])]
+    # train.py turns the mask into ignored targets
+    data = train.TokenData(out, 16, tok.vocab_size)
+    x, y = data.batch("train", 0, 4)
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = next(i for i in range(len(ids)) if ids[i:i + 16].tolist() == row_x)
+        expect = [t if mask[start + 1 + j] else -100 for j, t in enumerate(ids[start + 1:start + 17].tolist())]
+        assert row_y == expect
+    # and fine-tuning on it runs: windows without any reply give zero loss, never NaN
+    args, module = train.parse_args(["--model", "llama3", "--data", str(out), "--out_dir", str(tmp_path / "o"),
+                                     "--n_layer", "1", "--n_head", "2", "--n_kv_head", "1", "--n_embd", "16",
+                                     "--seq_len", "8", "--batch_size", "1", "--max_steps", "12",
+                                     "--eval_interval", "12", "--eval_iters", "1", "--sample_tokens", "0"])
+    assert train.train(args, module)[1] == 0
+
+
+def test_chat_jsonl_bad_line(tmp_path):
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text('{"messages": []}\n{"oops": 1}\n')
+    with pytest.raises(SystemExit, match=r"chat.jsonl:2: not a JSON object with a \"messages\" list"):
+        prepare_data.prepare_chat(jsonl, "llama3", str(tmp_path), out_dir=str(tmp_path / "d"))
