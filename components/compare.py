@@ -606,12 +606,12 @@ def plot(family, out_dir, layer_rows, kernel_rows, results):
     return written
 
 
-SETTINGS = {  # quick: a smoke run in under a minute on 2 cores; full: long enough to read the differences
+SETTINGS = {  # quick: a smoke run, under a minute on 2 quiet cores; full: enough steps to read the differences
     True: dict(layer_T=[128, 512], kernel_T=[1024, 4096], other_kernels_max_T=1024, reps=1,
-               n_layer=2, deep_layers=6, n_embd=64, block_size=64, batch_size=8, steps=30, lr=3e-3,
+               n_layer=2, deep_layers=6, n_embd=64, block_size=64, batch_size=8, steps=60, lr=3e-3,
                data_bytes=1_000_000),
-    False: dict(layer_T=[256, 1024, 2048], kernel_T=[256, 1024, 4096], other_kernels_max_T=4096, reps=5,
-                n_layer=4, deep_layers=12, n_embd=128, block_size=128, batch_size=32, steps=600, lr=2e-3,
+    False: dict(layer_T=[256, 1024, 2048], kernel_T=[256, 1024, 4096], other_kernels_max_T=4096, reps=3,
+                n_layer=4, deep_layers=8, n_embd=64, block_size=128, batch_size=16, steps=400, lr=3e-3,
                 data_bytes=4_000_000),
 }
 
