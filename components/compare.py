@@ -278,6 +278,11 @@ class TinyLM(nn.Module):
         if cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 4:
             raise ValueError(f"n_embd={cfg.n_embd} must be n_head={cfg.n_head} times a multiple of 4 (RoPE pairs, "
                              f"and MLA's rotary half of a head)")
+        choices = dict(attn=("mha", "mla", "sparse"), pos=("rope", "learned", "sinusoidal", "alibi", "none"),
+                       norm=("rms", "layer"), ffn=("gelu", "swiglu", "geglu", "reglu", "moe"))
+        for field, allowed in choices.items():
+            if getattr(cfg, field) not in allowed:
+                raise ValueError(f"TinyConfig.{field}={getattr(cfg, field)!r}: expected one of {allowed}")
         if cfg.attn == "mla" and cfg.pos != "rope":
             raise ValueError(f"attn='mla' needs pos='rope' (its decoupled rotary key), got pos={cfg.pos!r}")
         self.cfg = cfg
@@ -287,7 +292,7 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(make_block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.prenorm else None  # a post-norm stack ends normalized already
         self.lm_head = nn.Linear(cfg.n_embd, 256, bias=False)
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
 

@@ -68,6 +68,8 @@ def test_tiny_model_variants_run(kw):
 
 
 def test_tiny_model_rejects_mla_without_rope_and_learned_beyond_table():
+    with pytest.raises(ValueError, match="TinyConfig.pos='rotary': expected one of"):
+        TinyLM(TinyConfig(pos="rotary"))
     with pytest.raises(ValueError, match="attn='mla' needs pos='rope'"):
         TinyLM(TinyConfig(attn="mla", pos="alibi"))
     model = TinyLM(TinyConfig(n_embd=32, pos="learned", max_len=8))
