@@ -330,7 +330,12 @@ def train(args, module):
         state = load_train_state(last)
         model = module.Model.from_pretrained(str(last.resolve()))
     elif args.init_from != "scratch":
+        # under DDP rank 0 downloads first, then the others read its cache (never two writers on one file)
+        if ddp and not master:
+            dist.barrier()
         model = module.Model.from_pretrained(args.init_from)
+        if ddp and master:
+            dist.barrier()
         reshaping = set(args.model_overrides) - {"dropout"}
         if reshaping:
             raise TrainingError(f"--init_from {args.init_from}: cannot change {sorted(reshaping)} of pretrained "
