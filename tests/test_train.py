@@ -186,3 +186,23 @@ train.main({args!r})
     run(TINY + ["--data", str(data), "--out_dir", str(tmp_path), "--max_steps", "10", "--eval_interval", "5",
                 "--eval_iters", "1", "--resume"])
     assert torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)["step"] == 10
+
+
+def test_init_from_official_weights_starts_at_their_loss(data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_gpt2 import HF_CONFIG, write_official
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**HF_CONFIG, "vocab_size": 257})).eval()
+    ckpt = write_official(hf, tmp_path / "official")
+    (ckpt / "config.json").write_text(json.dumps({**HF_CONFIG, "vocab_size": 257}))
+    run(["--model", "gpt2", "--init_from", str(ckpt), "--data", str(data), "--out_dir", str(tmp_path / "ft"),
+         "--seq_len", "32", "--batch_size", "8", "--max_steps", "2", "--eval_interval", "2", "--eval_iters", "1",
+         "--log_interval", "1", "--sample_tokens", "0"])
+    args, _ = train.parse_args(["--data", str(data)])
+    x, y = train.TokenData(data, 32, 257).batch("train", train.step_seed(args.seed, 0), 8)
+    with torch.no_grad():
+        ref = hf(x, labels=None).logits
+    expected = torch.nn.functional.cross_entropy(ref.flatten(0, 1), y.flatten()).item()
+    assert abs(losses(tmp_path / "ft")[1] - expected) < 1e-5
+    # the fine-tuned checkpoint is in the official layout again and loads in transformers
+    transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ft" / "last")
