@@ -35,9 +35,9 @@ class Config:
     vocab_size: int = 4096
     block_size: int = 256                  # maximum context length (max_position_embeddings)
     n_layer: int = 4
-    n_head: int = 8
-    n_kv_head: int = 4                     # GQA: each KV head serves n_head // n_kv_head query heads
-    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2                     # GQA: each KV head serves n_head // n_kv_head query heads
+    n_embd: int = 128
     head_dim: int | None = None            # None: n_embd // n_head
     intermediate_size: int | None = None   # SwiGLU width; None: Meta's rule (ffn_width) for n_embd
     rms_norm_eps: float = 1e-5
@@ -120,7 +120,7 @@ class Config:
 def ffn_width(dim, multiple_of=256, ffn_dim_multiplier=None):
     """Meta's SwiGLU width: 2/3 of 4*dim (so the three matrices cost what GPT's two do), times an optional
     multiplier, rounded up to a multiple. ffn_width(4096, 1024, 1.3) == 14336 (8B); ffn_width(2048, 256, 1.5)
-    == 8192 (3.2 1B); ffn_width(256) == 768 (our default)."""
+    == 8192 (3.2 1B); ffn_width(128) == 512 (our default)."""
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
@@ -208,7 +208,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        # spelled out: on the CPU this is ~3x faster than F.rms_norm, which makes extra fp32 copies
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class KVCache:
