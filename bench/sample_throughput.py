@@ -82,7 +82,8 @@ def main():
             agree = (ref[0, a.prompt_tokens:] == mine[0]).float().mean().item()
             rows["transformers generate()"] = n / timed(lambda: hf.generate(prompt, **cfg), a.repeats)
     base = rows.get("transformers generate()")
-    print(f"{name} ({model.num_params() / 1e6:.0f}M parameters), batch 1, {a.device} fp32, greedy, {a.prompt_tokens} prompt + {n} new tokens, "
+    print(f"{name} ({model.num_params() / 1e6:.0f}M parameters), batch 1, {a.device} fp32, greedy, "
+          f"{a.prompt_tokens} prompt + {n} new tokens, "
           f"torch threads {torch.get_num_threads()}, median of {a.repeats}")
     print(f"{'':28s} {'tokens/s':>10s} {'vs generate()':>14s} {'vs no cache':>12s}")
     for name, tps in rows.items():
