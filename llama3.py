@@ -377,7 +377,7 @@ class Llama(nn.Module):
         rope_scale_factor: Llama 3.1's RoPE scale factor. Meta's params.json does not store it (8 for 3.1 and
         3.3, 32 for 3.2 1B/3B); it is then taken from this argument, else from a config.json beside the weights,
         else from the preset with the same architecture, else loading stops and says so. For an HF checkpoint
-        it overrides config.json's factor.
+        it overrides config.json's factor. dtype: the parameters' dtype (None: float32; the hub files are bf16).
         """
         preset = PRESETS.get(source)
         directory = Path(hub.resolve(HUB_IDS[source] if preset and not Path(source).is_dir() else source))
