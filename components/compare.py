@@ -295,6 +295,11 @@ class TinyLM(nn.Module):
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
+        # the fixed sinusoids have unit amplitude; embeddings of std 0.02 would drown under them, so, as in
+        # Vaswani et al. (section 3.4), token embeddings start at std 1/sqrt(d) and are multiplied by sqrt(d)
+        self.emb_scale = math.sqrt(cfg.n_embd) if cfg.pos == "sinusoidal" else 1.0
+        if cfg.pos == "sinusoidal":
+            nn.init.normal_(self.wte.weight, std=cfg.n_embd ** -0.5)
 
     def attn_kwargs(self, T, device):
         cfg, kwargs = self.cfg, {}
@@ -308,7 +313,7 @@ class TinyLM(nn.Module):
         return kwargs
 
     def forward(self, idx):
-        x = self.pos(self.wte(idx))
+        x = self.pos(self.wte(idx) * self.emb_scale)
         kwargs = self.attn_kwargs(idx.size(1), idx.device)
         for block in self.blocks:
             x = block(x, **kwargs)
