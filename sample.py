@@ -104,10 +104,11 @@ def resolve_source(source, family=None):
     return importlib.import_module(family), directory
 
 
-def load(source, *, family=None, device="cpu", dtype=None):
-    """-> (module, model, tokenizer) for a checkpoint directory, hub id or preset."""
+def load(source, *, family=None, device="cpu", dtype=None, **load_kwargs):
+    """-> (module, model, tokenizer) for a checkpoint directory, hub id or preset; load_kwargs go to the
+    model file's from_pretrained (e.g. rope_scale_factor for a Meta-format Llama)."""
     module, directory = resolve_source(source, family)
-    model = module.Model.from_pretrained(str(directory), dtype=dtype, device=device)
+    model = module.Model.from_pretrained(str(directory), dtype=dtype, device=device, **load_kwargs)
     model.eval()
     return module, model, bpe.load(directory)
 
@@ -191,6 +192,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--no_cache", action="store_true", help="recompute the full sequence each step")
+    p.add_argument("--rope_scale_factor", type=float, default=None,
+                   help="Llama 3.1+ RoPE scale factor for Meta-format checkpoints of unofficial sizes")
     args = p.parse_args(argv)
     args.top_k = args.top_k or None
 
@@ -201,7 +204,8 @@ def main(argv=None):
     if dtype is None:
         raise SystemExit(f"error: --dtype {args.dtype!r}: expected auto, float32, bfloat16 or float16")
     try:
-        module, model, tok = load(args.source, family=args.model, device=device, dtype=dtype)
+        extra = {"rope_scale_factor": args.rope_scale_factor} if args.rope_scale_factor else {}
+        module, model, tok = load(args.source, family=args.model, device=device, dtype=dtype, **extra)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         if args.chat:
             return chat(module, model, tok, args, generator)
