@@ -255,9 +255,10 @@ def make_ffn(cfg):
     acts = {"gelu": "gelu", "swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
     if cfg.ffn == "gelu":
         return MLP(cfg.n_embd, cfg.ffn_hidden or 4 * cfg.n_embd, bias=False)
-    if cfg.ffn == "moe":
+    if cfg.ffn == "moe":  # renormalized top-1 weights would all be 1, leaving the router without a gradient
         return MoE(cfg.n_embd, cfg.ffn_hidden or glu_hidden(cfg.n_embd), cfg.n_expert, cfg.top_k, cfg.router,
-                   cfg.n_shared, capacity_factor=cfg.capacity_factor, bias_update_rate=cfg.bias_update_rate)
+                   cfg.n_shared, renormalize=cfg.top_k > 1, capacity_factor=cfg.capacity_factor,
+                   bias_update_rate=cfg.bias_update_rate)
     return GLU(cfg.n_embd, cfg.ffn_hidden or glu_hidden(cfg.n_embd), act=acts[cfg.ffn])
 
 
@@ -537,11 +538,11 @@ def moe_family(s, device):
     # every MoE here has the active parameters of the dense layer: top-1 of experts the dense layer's size,
     # or top-2 of experts half its size
     mods = [("dense SwiGLU", GLU(C, h)),
-            ("MoE 8 experts top-1, softmax", MoE(C, h, 8, 1)),
+            ("MoE 8 experts top-1, softmax", MoE(C, h, 8, 1, renormalize=False)),
             ("MoE 8 experts top-2 (half size), softmax", MoE(C, h // 2, 8, 2)),
-            ("MoE 8 top-1, sigmoid + bias", MoE(C, h, 8, 1, router="sigmoid", bias_update_rate=1e-3)),
-            ("MoE 8 top-1 (half) + 1 shared (half)", MoE(C, h // 2, 8, 1, n_shared=1)),
-            ("MoE 8 top-1, capacity 1.0", MoE(C, h, 8, 1, capacity_factor=1.0))]
+            ("MoE 8 top-1, sigmoid + bias", MoE(C, h, 8, 1, router="sigmoid", renormalize=False)),
+            ("MoE 8 top-1 (half) + 1 shared (half)", MoE(C, h // 2, 8, 1, n_shared=1, renormalize=False)),
+            ("MoE 8 top-1, capacity 1.0", MoE(C, h, 8, 1, capacity_factor=1.0, renormalize=False))]
     layers = [module_variant(name, m, C, device, B) for name, m in mods]
     ch = glu_hidden(s["n_embd"])
     base = TinyConfig(n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=4, block_size=s["block_size"])
@@ -549,7 +550,9 @@ def moe_family(s, device):
     training = [("dense SwiGLU", base),
                 ("MoE 4x top-1, softmax + Switch loss", moe),
                 ("MoE 4x top-1, no balancing", replace(moe, aux_coef=0.0)),
-                ("MoE 4x top-1, noisy top-k + Switch loss", replace(moe, router="noisy")),
+                ("MoE 4x top-2 (half), renormalized + Switch loss", replace(moe, top_k=2, ffn_hidden=ch // 2)),
+                ("MoE 4x top-2 (half), noisy top-k + Switch loss",
+                 replace(moe, top_k=2, ffn_hidden=ch // 2, router="noisy")),
                 ("MoE 4x top-1, sigmoid + loss-free bias", replace(moe, router="sigmoid", bias_update_rate=1e-3)),
                 ("MoE 4x top-1 (half) + shared (half)", replace(moe, ffn_hidden=ch // 2, n_shared=1)),
                 ("MoE 4x top-1, capacity 1.0 (drops)", replace(moe, capacity_factor=1.0))]

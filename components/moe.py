@@ -116,6 +116,9 @@ class MoE(nn.Module):
         router="softmax"   softmax top-k (renormalize: Mixtral / Qwen3-MoE style)
         router="noisy"     noisy top-k (Shazeer et al. 2017)
         router="sigmoid"   DeepSeek-V3: sigmoid scores, bias-steered choice, n_group / topk_group limits
+    renormalize: scale the chosen weights to sum to 1 (Mixtral, DeepSeek-V3). Not with top_k=1: every weight
+    would be 1 and the router would get no gradient from the model's loss (Switch keeps the raw probability).
+    noisy: softmax over the kept logits, likewise constant for top_k=1, so use top_k >= 2 as Shazeer et al. did.
     n_shared: shared experts of the same size (DeepSeekMoE), applied to every token.
     capacity_factor: if set, drop assignments over capacity (GShard / Switch).
     bias_update_rate: if > 0 (sigmoid router), call update_bias() after each optimizer step for

@@ -257,3 +257,13 @@ def test_moe_active_parameters():
     with pytest.raises(ValueError, match="n_group=3 must divide n_expert=8"):
         MoE(16, 24, n_expert=8, top_k=2, router="sigmoid", n_group=3)
     assert math.isclose(switch_aux_loss(torch.zeros(8, 4), torch.arange(8).remainder(4)[:, None], 4).item(), 1.0)
+
+
+def test_top1_router_learns_only_without_renormalization():
+    # renormalized top-1 weights are all exactly 1: the model's loss then never reaches the router (Switch keeps p)
+    x = torch.randn(20, 8)
+    for renormalize, learns in ((False, True), (True, False)):
+        torch.manual_seed(0)
+        moe = MoE(8, 8, n_expert=4, top_k=1, renormalize=renormalize)
+        moe(x).square().sum().backward()
+        assert (moe.gate.weight.grad.abs().sum() > 0) == learns
