@@ -262,8 +262,10 @@ def test_moe_active_parameters():
 def test_top1_router_learns_only_without_renormalization():
     # renormalized top-1 weights are all exactly 1: the model's loss then never reaches the router (Switch keeps p)
     x = torch.randn(20, 8)
-    for renormalize, learns in ((False, True), (True, False)):
+    grad = {}
+    for renormalize in (False, True):
         torch.manual_seed(0)
         moe = MoE(8, 8, n_expert=4, top_k=1, renormalize=renormalize)
         moe(x).square().sum().backward()
-        assert (moe.gate.weight.grad.abs().sum() > 0) == learns
+        grad[renormalize] = moe.gate.weight.grad.abs().sum().item()
+    assert grad[False] > 1e-3 and grad[True] < 1e-5 * grad[False]  # w / w is 1 up to rounding
