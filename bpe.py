@@ -64,15 +64,15 @@ import codecs
 import functools
 import heapq
 import json
-import os
 import re
-import tempfile
 import unicodedata
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import tiktoken
+
+import hub
 
 SAVE_NAME = "tokenizer.bpe"
 # The files that make up a tokenizer in a model directory (copied beside checkpoints by prepare_data.py).
@@ -613,7 +613,7 @@ class Tokenizer:
         lines += [f"special {i} " + json.dumps(s, ensure_ascii=False) for s, i in self.special_tokens.items()]
         lines.append(f"merges {len(self.merge_pairs)}")
         lines += [f"{a} {b}" for a, b in self.merge_pairs]
-        _atomic_write(Path(path), ("\n".join(lines) + "\n").encode("utf-8"))
+        hub.atomic_write(Path(path), ("\n".join(lines) + "\n").encode("utf-8"))
 
     def to_tiktoken(self):
         """A tiktoken.Encoding with the same ranks, pattern and special tokens: identical ids, native speed.
@@ -675,20 +675,6 @@ class NormalizingEncoding(tiktoken.Encoding):
 
     def encode(self, text, **kwargs):
         return super().encode(self._normalize(text), **kwargs)
-
-
-def _atomic_write(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_text(path):
