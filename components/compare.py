@@ -12,6 +12,8 @@ For the family it prints, and writes to DIR/<family>.md (default components/repo
    same batches of Python's standard library source (always there, offline) and scored on held-out bytes.
    It is short: differences smaller than a few hundredths of a nat are noise.
 When matplotlib is installed, PNG plots are written beside the report. --quick takes under a minute on 2 CPU cores.
+On a machine busy with other work, OMP_NUM_THREADS=1 gives steadier times: with two threads, every small operator
+waits for both, and a descheduled thread stalls it.
 
 Peak memory. On CUDA: torch.cuda.max_memory_allocated during the call, minus what was allocated before it.
 On CPU PyTorch keeps no allocator statistics, so PeakMemory, a TorchDispatchMode, watches the outputs of every

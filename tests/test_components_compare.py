@@ -11,6 +11,16 @@ from components.compare import (ByteData, PeakMemory, TinyConfig, TinyLM, count_
                                 train_variant, write_atomic)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the tiny models here are all small operators; with a second thread each one waits on a thread barrier, which
+    # on a busy shared machine makes them ten times slower and on a quiet one gains nothing
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_peak_memory_counts_live_storages():
     with PeakMemory() as pm:
         a = torch.ones(1000)  # 4000 bytes
@@ -79,10 +89,10 @@ def test_tiny_model_rejects_mla_without_rope_and_learned_beyond_table():
 
 def test_training_lowers_the_loss_and_moe_reports_balance():
     data = ByteData(200_000)
-    cfg = TinyConfig(n_layer=1, n_embd=32, block_size=32, ffn="moe", n_expert=2)
-    r = train_variant(cfg, data, steps=25, batch_size=8, lr=1e-2, device="cpu", eval_lengths=[32, 64], eval_batches=2)
+    cfg = TinyConfig(n_layer=1, n_embd=16, block_size=16, ffn="moe", n_expert=4, top_k=2)
+    r = train_variant(cfg, data, steps=15, batch_size=4, lr=2e-2, device="cpu", eval_lengths=[16, 32], eval_batches=2)
     assert r["curve"][-1] < r["curve"][0] - 1.0  # from ln(256) = 5.5 towards the byte entropy
-    assert set(r["val"]) == {32, 64} and r["imbalance"] >= 1.0 and r["active"] < r["params"]
+    assert set(r["val"]) == {16, 32} and r["imbalance"] >= 1.0 and r["active"] < r["params"]
 
 
 def test_write_atomic_and_cli_errors(tmp_path):
