@@ -106,3 +106,25 @@ def test_cli_bad_input(tmp_path):
     bpe.train("", 257, special_tokens={"<|endoftext|>": 256}).save(tmp_path / "m" / bpe.SAVE_NAME)
     with pytest.raises(SystemExit, match="prompt token id 1.. is beyond the model's vocab_size 100"):
         sample.main([str(tmp_path / "m"), "--prompt", "zzz"])
+
+
+def test_preset_is_fetched_from_the_hub_and_sampled(tmp_path, monkeypatch, capsys):
+    """`sample.py gpt2` end to end: preset -> hub id -> download (a local fake hub) -> official layout -> text."""
+    from conftest import shared_file
+    from test_hub import FakeHub
+    gpt2_files = shared_file("gpt2", "encoder.json").parent
+    model = tiny_model(vocab_size=50257, eos=50256)
+    model.save_pretrained(tmp_path / "repo")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "repo").iterdir()}
+    files |= {name: (gpt2_files / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
+    server = FakeHub(files, repo=gpt2.HUB_IDS["gpt2"])
+    monkeypatch.setattr(sample.hub, "ENDPOINT", server.url)
+    monkeypatch.setattr(sample.hub, "CACHE_DIR", tmp_path / "cache")
+    try:
+        sample.main(["gpt2", "--prompt", "Hello, world", "--max_new_tokens", "12", "--temperature", "0"])
+    finally:
+        server.close()
+    tok = bpe.load(gpt2_files)
+    ids = [int(t) for t in sample.generate(model, torch.tensor([tok.encode("Hello, world")]), 12, temperature=0,
+                                           eos_ids={50256})]
+    assert capsys.readouterr().out == "Hello, world" + tok.decode([t for t in ids if t != 50256]) + "\n"
