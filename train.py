@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hub
 
-MODELS = ("gpt2", "llama3", "qwen", "deepseek")
+# the model files this checkout has (DESIGN.md plans gpt2, llama3, qwen, deepseek)
+MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
 # Peak dense bf16 tensor-core FLOP/s, for MFU (vendor datasheets; fp32 runs are quoted against these too).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                   "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
@@ -69,31 +70,31 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from <out_dir>/last exactly")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=16, help="sequences per micro-step per process")
-    g.add_argument("--seq_len", type=int, default=128)
+    g.add_argument("--seq_len", type=int, default=128, help="tokens per training sequence")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--max_steps", type=int, default=600)
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--max_steps", type=int, default=600, help="optimizer steps in all")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=None, help="end of cosine decay (default: lr / 10)")
-    g.add_argument("--warmup_steps", type=int, default=50)
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay, on matrices only")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=int, default=1337, help="seeds the init, dropout and the batches")
     g.add_argument("--eval_interval", type=int, default=200, help="evaluate and checkpoint every N steps")
-    g.add_argument("--eval_iters", type=int, default=20)
-    g.add_argument("--log_interval", type=int, default=20)
+    g.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation")
+    g.add_argument("--log_interval", type=int, default=20, help="log every N steps")
     g.add_argument("--sample_tokens", type=int, default=200, help="tokens sampled at the end (0: none)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     cfg_fields = [f for f in dataclasses.fields(module.Config) if f.name != "vocab_size"]
     g = p.add_argument_group(f"{known.model}.Config (architecture when training from scratch)")
     for f in cfg_fields:
         default = f.default if f.default is not dataclasses.MISSING else None
-        g.add_argument(f"--{f.name}", type=_literal, default=None, help=f"default {default!r}")
+        g.add_argument(f"--{f.name}", type=_literal, default=argparse.SUPPRESS, help=f"(default: {default!r})")
     if known.config:
         try:
             overrides = json.loads(Path(known.config).read_text())
@@ -104,7 +105,7 @@ def parse_args(argv=None):
             raise SystemExit(f"error: --config {known.config}: unknown keys {sorted(unknown)}")
         p.set_defaults(**overrides)
     args = p.parse_args(argv)
-    args.model_overrides = {f.name: getattr(args, f.name) for f in cfg_fields if getattr(args, f.name) is not None}
+    args.model_overrides = {f.name: getattr(args, f.name) for f in cfg_fields if hasattr(args, f.name)}
     args.out_dir = args.out_dir or f"out/{args.model}"
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     return args, module
