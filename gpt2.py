@@ -123,9 +123,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(pos, k, v)                                  # (B, nh, pos+T, hs)
             if pos > 0:
-                # query i sits at absolute position pos+i and may see keys 0..pos+i
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-                is_causal = False
+                is_causal = False   # one new token may see every cached one: no mask at all
+                if T > 1:           # a chunk after cached tokens: query i at position pos+i sees keys 0..pos+i
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                    # (B, T, C)
