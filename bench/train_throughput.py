@@ -86,18 +86,27 @@ def main():
             argv.append("--compile")
         # alternate the two loops for --rounds rounds, so both see the same machine load; medians over all steps
         ours, minimal = [], []
-        for r in range(a.rounds):
+        def run_train(r):
             args, _ = train.parse_args(argv[:5] + [str(Path(tmp) / f"out{r}")] + argv[6:])
             model, _ = train.train(args, module)
             rows = [json.loads(line) for line in (Path(tmp) / f"out{r}" / "metrics.jsonl").read_text().splitlines()]
-            ours += [row["tokens_per_s"] for row in rows if row.get("step", 0) > a.warmup and "tokens_per_s" in row]
-            if not a.skip_minimal:
-                torch.manual_seed(0)
-                fresh = module.Model(module.Config(**vars(config))).to(device)
-                if a.compile:
-                    fresh = torch.compile(fresh)
-                data = np.memmap(data_dir / "train.bin", dtype=dt, mode="r")
-                minimal += [tokens_per_step / t for t in minimal_loop(fresh, data, a, device, dtype)]
+            ours.extend(row["tokens_per_s"] for row in rows if row.get("step", 0) > a.warmup and "tokens_per_s" in row)
+            return model
+
+        def run_minimal():
+            torch.manual_seed(0)
+            fresh = module.Model(module.Config(**vars(config))).to(device)
+            if a.compile:
+                fresh = torch.compile(fresh)
+            data = np.memmap(data_dir / "train.bin", dtype=dt, mode="r")
+            minimal.extend(tokens_per_step / t for t in minimal_loop(fresh, data, a, device, dtype))
+
+        for r in range(a.rounds):   # the order alternates too: neither loop always runs on a fresh process
+            if r % 2 and not a.skip_minimal:
+                run_minimal()
+            model = run_train(r)
+            if r % 2 == 0 and not a.skip_minimal:
+                run_minimal()
         results = {f"train.py{' (compiled)' if a.compile else ''}": statistics.median(ours)}
         if minimal:
             results["minimal loop"] = statistics.median(minimal)
