@@ -128,3 +128,35 @@ def test_preset_is_fetched_from_the_hub_and_sampled(tmp_path, monkeypatch, capsy
     ids = [int(t) for t in sample.generate(model, torch.tensor([tok.encode("Hello, world")]), 12, temperature=0,
                                            eos_ids={50256})]
     assert capsys.readouterr().out == "Hello, world" + tok.decode([t for t in ids if t != 50256]) + "\n"
+
+
+def test_chat_keeps_the_history(tmp_path, monkeypatch, capsys):
+    """sample.py --chat: each turn is encoded with the model's chat format and the whole history so far."""
+    import llama3
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = bpe.train("user assistant hello there, how are you? fine thanks\n\n" * 20, 290, special_tokens=specials)
+    torch.manual_seed(0)
+    model = llama3.Llama(llama3.Config(vocab_size=300, block_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                                       eos_token_id=tok.special_tokens["<|eot_id|>"])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path / bpe.SAVE_NAME)
+    turns = iter(["hello there", "how are you?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    seen = []
+    encode_chat = llama3.encode_chat
+    monkeypatch.setattr(llama3, "encode_chat", lambda t, m, **kw: seen.append([dict(x) for x in m]) or encode_chat(t, m, **kw))
+    sample.main([str(tmp_path), "--chat", "--temperature", "0", "--max_new_tokens", "6"])
+
+    def reply(messages):   # greedy, independently of sample.py's chat loop
+        ids = encode_chat(tok, messages)
+        out = [int(t) for t in sample.generate(model, torch.tensor([ids]), 6, temperature=0, eos_ids=sample.eos_ids_of(model, tok))]
+        return tok.decode([t for t in out if t not in sample.eos_ids_of(model, tok)])
+    first = reply([{"role": "user", "content": "hello there"}])
+    assert first.strip()   # a real reply, not an immediate end of turn
+    history = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": first.strip()},
+               {"role": "user", "content": "how are you?"}]
+    assert seen == [history[:1], history]
+    assert capsys.readouterr().out == first + reply(history)
