@@ -47,7 +47,8 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Documents: each dataset is a list of (name, text) for train and for val
+# Documents: each dataset is a list of (name, source) for train and for val, where source is the text itself or
+# the Path of a file read only when it is encoded, so a folder larger than memory streams through in batches
 
 
 def stdlib_documents(max_mb, val_fraction):
@@ -66,13 +67,13 @@ def folder_documents(folder, max_mb, val_fraction):
 def _split_files(files, root, max_mb, val_fraction):
     train, val, total = [], [], 0
     for path in files:
-        text = _read_text(path)
-        if total + len(text) > max_mb * 2**20:
+        size = path.stat().st_size
+        if total + size > max_mb * 2**20:
             break
-        total += len(text)
+        total += size
         rel = path.relative_to(root).as_posix()
         bucket = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 2**32
-        (val if bucket < val_fraction else train).append((rel, text))
+        (val if bucket < val_fraction else train).append((rel, path))
     if not val and len(train) > 1:   # a tiny folder: keep at least one file for validation
         val.append(train.pop())
     return train, val
@@ -87,6 +88,10 @@ def file_documents(path, val_fraction):
 def _read_text(path):
     """Read UTF-8 text; undecodable bytes become U+FFFD (stdlib and user folders hold a few latin-1 files)."""
     return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def text_of(source):
+    return _read_text(source) if isinstance(source, Path) else source
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -123,15 +128,16 @@ def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
 
 def _trained_bpe(train_docs, vocab_size):
     """Train BPE on the train split, cached by a hash of the corpus and the settings."""
+    texts = [text_of(source) for _, source in train_docs]
     h = hashlib.sha256(f"{vocab_size}|gpt2|{EOT}".encode())
-    for name, text in train_docs:
+    for (name, _), text in zip(train_docs, texts):
         h.update(name.encode() + b"\0" + text.encode("utf-8", errors="replace"))
     cached = hub.CACHE_DIR / "bpe" / f"{h.hexdigest()[:16]}-{vocab_size}" / bpe.SAVE_NAME
     if cached.is_file():
         print(f"using cached tokenizer {cached}")
         return bpe.load(cached)
-    print(f"training a {vocab_size}-token BPE on {sum(len(t) for _, t in train_docs) / 2**20:.1f} MB ...")
-    tok = bpe.train([text for _, text in train_docs], vocab_size, pattern="gpt2", special_tokens={EOT: vocab_size - 1})
+    print(f"training a {vocab_size}-token BPE on {sum(map(len, texts)) / 2**20:.1f} MB ...")
+    tok = bpe.train(texts, vocab_size, pattern="gpt2", special_tokens={EOT: vocab_size - 1})
     cached.parent.mkdir(parents=True, exist_ok=True)
     tok.save(cached)
     return tok
@@ -155,7 +161,7 @@ def write_split(docs, encoding, eot, dtype, path):
     n = 0
     with open(tmp, "wb") as f:
         for start in range(0, len(docs), 256):
-            batch = encoding.encode_ordinary_batch([text for _, text in docs[start:start + 256]])
+            batch = encoding.encode_ordinary_batch([text_of(source) for _, source in docs[start:start + 256]])
             for ids in batch:
                 if eot is not None:
                     ids.append(eot)

@@ -69,7 +69,7 @@ def test_stdlib_selection_is_deterministic_and_capped():
     a_train, a_val = prepare_data.stdlib_documents(max_mb=0.5, val_fraction=0.1)
     b_train, b_val = prepare_data.stdlib_documents(max_mb=0.5, val_fraction=0.1)
     assert a_train == b_train and a_val == b_val and a_val
-    assert sum(len(t) for _, t in a_train + a_val) <= 0.5 * 2**20
+    assert sum(len(prepare_data.text_of(s).encode()) for _, s in a_train + a_val) <= 0.5 * 2**20
     assert not {n for n, _ in a_train} & {n for n, _ in a_val}
 
 
