@@ -507,10 +507,8 @@ def show_sample(model, data_dir, n_tokens, device):
     print(tok.decode(prompt[0].tolist()), end="", flush=True)
     decoder = tok.decoder()
     gen = torch.Generator(device=device).manual_seed(0)
-    eos = sample.eos_ids_of(model, tok)
-    for t in sample.generate(model, prompt, n_tokens, temperature=0.8, top_k=50, eos_ids=eos, generator=gen):
-        if int(t[0]) in eos:
-            break
+    # no stop at end-of-text: the sample runs on into the next "document", which shows more of what was learned
+    for t in sample.generate(model, prompt, n_tokens, temperature=0.8, top_k=50, generator=gen):
         print(decoder.step(int(t[0])), end="", flush=True)
     print(decoder.flush() + "\n---")
 
