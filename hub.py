@@ -180,7 +180,7 @@ def _fetch(url, dest, size, sha256, what, repo_id, snapshot):
             part.unlink()
             raise HubError(f"{what}: sha256 mismatch: expected {sha256}, got {actual}; deleted it, run again")
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def download(repo_id, filenames=None, *, revision="main", cache_dir=None, endpoint=None,
@@ -341,7 +341,7 @@ def save_safetensors(state_dict, directory, *, max_shard_bytes=5 * 2**30, metada
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     # only now that the new checkpoint is complete: drop the files of a previous save with another layout
     for p in directory.iterdir():
         if (p.name in ("model.safetensors", INDEX) or SHARD.fullmatch(p.name)) and p.name not in names:
@@ -362,7 +362,7 @@ def _write_synced(path, data):
         os.fsync(f.fileno())
 
 
-def _fsync_dir(directory):
+def fsync_dir(directory):
     # makes the renames in a directory durable; Windows cannot open a directory, and needs no such step
     if os.name == "posix":
         fd = os.open(directory, os.O_RDONLY)
@@ -382,7 +382,7 @@ def atomic_write(path, data):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json(path, obj):

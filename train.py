@@ -15,6 +15,7 @@ swapped in one atomic rename, so a crash mid-write leaves the previous checkpoin
 import argparse
 import dataclasses
 import importlib
+import io
 import json
 import math
 import os
@@ -127,13 +128,17 @@ def _literal(s):
 # so 8 GPUs x batch 4, 1 GPU x batch 32, or batch 8 x 4 accumulation steps all train on the same sequences.
 
 
+def read_meta(directory):
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise TrainingError(f"--data {directory}: no meta.json (run prepare_data.py first)")
+    return json.loads(path.read_text())
+
+
 class TokenData:
-    def __init__(self, directory, seq_len, vocab_size):
+    def __init__(self, directory, seq_len, vocab_size, meta=None):
         directory = Path(directory)
-        meta_path = directory / "meta.json"
-        if not meta_path.is_file():
-            raise TrainingError(f"--data {directory}: no meta.json (run prepare_data.py first)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = meta or read_meta(directory)
         if self.meta["vocab_size"] > vocab_size:
             raise TrainingError(f"--data {directory}: tokenizer vocabulary {self.meta['vocab_size']} exceeds the "
                                 f"model's vocab_size {vocab_size}")
@@ -241,44 +246,37 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
     """Write ckpt-<step>/ (official layout + train_state.pt) into a temp dir, rename it, swap the symlinks."""
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step:07d}"
-    tmp = out_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok_dir = Path(data_dir) / "tokenizer"
-    if tok_dir.is_dir():
-        for f in tok_dir.iterdir():
-            shutil.copyfile(f, tmp / f.name)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "rng": rng_state(next(model.parameters()).device), "best_val_loss": best_val,
-             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
-    with open(tmp / "train_state.pt.tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp / "train_state.pt.tmp", tmp / "train_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    last = out_dir / "last"
+    if not (last.is_symlink() and os.readlink(last) == final.name):   # else saved already (Ctrl-C after an eval)
+        tmp = out_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok_dir = Path(data_dir) / "tokenizer"
+        if tok_dir.is_dir():
+            for f in tok_dir.iterdir():
+                shutil.copyfile(f, tmp / f.name)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": rng_state(next(model.parameters()).device), "best_val_loss": best_val,
+                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        hub.atomic_write(tmp / "train_state.pt", buffer.getvalue())
+        if final.exists():   # a stale one of this step from an earlier run: move it aside, never delete first
+            os.replace(final, out_dir / f".stale-{final.name}-{os.getpid()}")
+        os.replace(tmp, final)
+        shutil.rmtree(out_dir / f".stale-{final.name}-{os.getpid()}", ignore_errors=True)
     for name in link_names:
         link_tmp = out_dir / f".{name}.tmp"
         if link_tmp.is_symlink() or link_tmp.exists():
             link_tmp.unlink()
         link_tmp.symlink_to(final.name)
         os.replace(link_tmp, out_dir / name)
-    _fsync_dir(out_dir)
+    hub.fsync_dir(out_dir)
     # keep only the checkpoints a link points at
     keep = {os.readlink(out_dir / n) for n in ("last", "best") if (out_dir / n).is_symlink()}
     for d in out_dir.glob("ckpt-*"):
         if d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_train_state(ckpt_dir):
@@ -322,6 +320,7 @@ def train(args, module):
             prepare_data.prepare("stdlib", out_dir=str(data_dir.parent))
         if ddp:
             dist.barrier()
+    meta = read_meta(data_dir)
     out_dir = Path(args.out_dir)
 
     # the model: resumed, fine-tuned from weights, or new
@@ -344,7 +343,6 @@ def train(args, module):
         if "dropout" in args.model_overrides:
             _set_dropout(model, args.model_overrides["dropout"])
     else:
-        meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").is_file() else {}
         fields = {"vocab_size": meta.get("vocab_size", module.Config.vocab_size)}
         if meta.get("eot_id") is not None and "eos_token_id" in {f.name for f in dataclasses.fields(module.Config)}:
             fields["eos_token_id"] = meta["eot_id"]
@@ -352,7 +350,7 @@ def train(args, module):
     config = model.config
     if args.seq_len > config.block_size:
         raise TrainingError(f"--seq_len {args.seq_len} exceeds the model's context length {config.block_size}")
-    data = TokenData(data_dir, args.seq_len, config.vocab_size)
+    data = TokenData(data_dir, args.seq_len, config.vocab_size, meta)
     model.to(device)
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
@@ -474,7 +472,7 @@ def train(args, module):
         return raw_model, 130
     _shutdown(ddp, metrics)
     if master and args.sample_tokens > 0:
-        show_sample(raw_model, data_dir, args.sample_tokens, device)
+        show_sample(raw_model, data, data_dir, args.sample_tokens, device)
     return raw_model, 0
 
 
@@ -494,13 +492,12 @@ def _shutdown(ddp, metrics):
         dist.destroy_process_group()
 
 
-def show_sample(model, data_dir, n_tokens, device):
+def show_sample(model, data, data_dir, n_tokens, device):
     """Print a sample continuing a few tokens of validation text, so a learner sees what the model learned."""
     import bpe
     import sample
     tok = bpe.load(Path(data_dir) / "tokenizer")
-    val = np.memmap(Path(data_dir) / "val.bin", dtype=json.loads((Path(data_dir) / "meta.json").read_text())["dtype"],
-                    mode="r")
+    val = np.memmap(data.paths["val"], dtype=data.meta["dtype"], mode="r")
     prompt = torch.from_numpy(val[:16].astype(np.int64))[None].to(device)
     n_tokens = min(n_tokens, model.config.block_size - prompt.size(1))
     print("\n--- sample (prompt: first 16 validation tokens) ---")

@@ -206,3 +206,17 @@ def test_init_from_official_weights_starts_at_their_loss(data, tmp_path):
     assert abs(losses(tmp_path / "ft")[1] - expected) < 1e-5
     # the fine-tuned checkpoint is in the official layout again and loads in transformers
     transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ft" / "last")
+
+
+def test_saving_the_same_step_again_never_removes_the_checkpoint(data, tmp_path, monkeypatch):
+    """Ctrl-C right after an eval saves the step `last` already holds: that must relink, not rewrite it."""
+    args, module = train.parse_args(TINY + ["--data", str(data), "--out_dir", str(tmp_path)])
+    model = gpt2.GPT(gpt2.Config(vocab_size=257, block_size=64, n_layer=1, n_head=1, n_embd=8))
+    opt = train.make_optimizer(model, args, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.save_checkpoint(tmp_path, model, opt, scaler, 5, 1.0, args, data, ["last", "best"])
+    monkeypatch.setattr(gpt2.GPT, "save_pretrained", lambda *a: pytest.fail("rewrote the checkpoint `last` holds"))
+    train.save_checkpoint(tmp_path, model, opt, scaler, 5, 1.0, args, data, ["last"])
+    assert os.readlink(tmp_path / "last") == os.readlink(tmp_path / "best") == "ckpt-0000005"
+    monkeypatch.undo()
+    gpt2.GPT.from_pretrained(str(tmp_path / "last"))
