@@ -197,12 +197,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.top_k = args.top_k or None
 
-    from train import pick_device
+    from train import pick_device, pick_dtype
     device = pick_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        raise SystemExit(f"error: --dtype {args.dtype!r}: expected auto, float32, bfloat16 or float16")
+    dtype = pick_dtype(args.dtype, device)
     try:
         extra = {"rope_scale_factor": args.rope_scale_factor} if args.rope_scale_factor else {}
         module, model, tok = load(args.source, family=args.model, device=device, dtype=dtype, **extra)

@@ -27,7 +27,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 
@@ -39,6 +38,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import hub
 from components.attention import (Attention, SparseAttention, attention, dilated_window_attention, ring_attention,
                                   sliding_window_mask, sparse_attention)
 from components.ffn import GLU, MLP, glu_hidden
@@ -565,21 +565,6 @@ def moe_family(s, device):
 # report
 
 
-def write_atomic(path, data):
-    """Write bytes to path via a temporary file in the same directory, fsync and rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot(family, out_dir, layer_rows, kernel_rows, results):
     """PNG plots beside the report, only when matplotlib is installed. Returns the file names written."""
     try:
@@ -702,7 +687,7 @@ def run(family, quick, out_dir, device):
     report += [f"![{p}]({p})" for p in pngs]
     report += ["", f"Total harness time: {time.perf_counter() - t0:.0f} s."]
     path = os.path.join(out_dir, f"{family}.md")
-    write_atomic(path, ("\n".join(report) + "\n").encode())
+    hub.atomic_write(path, "\n".join(report) + "\n")
     print(f"\nwrote {path}" + (f" and {', '.join(pngs)}" if pngs else " (no plots: matplotlib is not installed)"))
     return verdict
 

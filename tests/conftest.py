@@ -20,6 +20,16 @@ def shared_file(*parts):
     return path
 
 
+def randomize(module, seed=0, scale=0.1):
+    """Random weights of a realistic scale in place: matrices ~ N(0, scale), vectors (norm gains) ~ 1 + N(0, scale)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _no_tiktoken_cache(monkeypatch):
     # tiktoken caches files keyed by path, so a rewritten file would be read stale (FORMATS.md 4.5)

@@ -10,14 +10,11 @@ from components.ffn import GLU, MLP, glu_hidden
 from components.moe import (MoE, capacity_keep, expert_capacity, noisy_topk, sigmoid_topk, softmax_topk,
                             switch_aux_loss)
 from components.norms import LayerNorm, PostNormBlock, PreNormBlock, RMSNorm
+from conftest import randomize as _randomize
 
 
 def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
-    return module
+    return _randomize(module, seed, scale=0.3)
 
 
 # -----------------------------------------------------------------------------

@@ -8,15 +8,7 @@ from components.attention import Attention
 from components.ffn import GLU, MLP
 from components.norms import LayerNorm, PreNormBlock, RMSNorm
 from components.positions import apply_rope, rope_cos_sin, rope_inv_freq, rope_llama3_scaled
-
-
-def randomize(module, seed=0):
-    """Random weights of a realistic scale (norm gains near 1), so both sides see activations of order 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
-    return module
+from conftest import randomize
 
 
 @pytest.fixture(autouse=True)
