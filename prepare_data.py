@@ -156,7 +156,8 @@ def _fetch_gpt2_files():
 
 
 def write_split(docs, encoding, eot, dtype, path):
-    """Encode documents in bulk (tiktoken speed), each followed by eot; write atomically; return #tokens."""
+    """Encode documents in bulk (tiktoken speed), each followed by eot; write atomically; return #tokens.
+    (Streamed to a temp file rather than through hub.atomic_write, so the shard never sits whole in memory.)"""
     tmp = path.with_name(path.name + ".tmp")
     n = 0
     with open(tmp, "wb") as f:
