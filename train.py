@@ -14,14 +14,23 @@ swapped in one atomic rename, so a crash mid-write leaves the previous checkpoin
 """
 import argparse
 import dataclasses
+import errno
+import hashlib
 import importlib
 import io
 import json
 import math
 import os
+import pickle
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+import types
+import typing
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,7 +39,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+try:
+    import fcntl   # POSIX: the out_dir lock; Windows runs without it
+except ImportError:
+    fcntl = None
+
+import errors
 import hub
+from errors import BadInput, os_error_line
 
 # the model files this checkout has (DESIGN.md plans gpt2, llama3, qwen, deepseek)
 MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
@@ -39,8 +55,17 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
                   "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
-class TrainingError(RuntimeError):
-    """A problem with the run's inputs or state, reported as one line."""
+class TrainingError(BadInput):
+    """A run that cannot go on (a NaN loss, a checkpoint that cannot be written): one line, like bad input."""
+
+
+# Flags that may change between a run and its --resume: how long it goes on, how often it logs, evaluates and
+# saves, and where it runs. Everything else (optimization, data order, architecture) must match the checkpoint's
+# run, or the resumed run would not be the run it continues; batch_size and grad_accum may trade places as long
+# as the global batch (batch_size x grad_accum x processes) stays the same, and --data may move if its tokenizer
+# does not change.
+RESUMABLE = {"max_steps", "eval_interval", "eval_iters", "log_interval", "sample_tokens", "threads", "device",
+             "dtype", "compile", "resume", "config", "out_dir", "data", "batch_size", "grad_accum"}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -49,15 +74,14 @@ class TrainingError(RuntimeError):
 
 def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default="gpt2")
+    pre.add_argument("--model", default=None)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.model not in MODELS:
-        raise SystemExit(f"error: --model {known.model!r} is not one of {', '.join(MODELS)}")
-    try:
-        module = importlib.import_module(known.model)
-    except ModuleNotFoundError as e:
-        raise SystemExit(f"error: --model {known.model}: {known.model}.py is not available ({e})")
+    overrides = read_config(known.config) if known.config else {}
+    model = known.model or overrides.get("model", "gpt2")
+    if model not in MODELS:
+        raise BadInput(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    module = importlib.import_module(model)
 
     p = argparse.ArgumentParser(description="Train any model file of this repo.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,7 +92,8 @@ def parse_args(argv=None):
                    "(the default dataset is prepared automatically when missing)")
     g.add_argument("--out_dir", default=None, help="checkpoints and metrics (default: out/<model>)")
     g.add_argument("--init_from", default="scratch", help="scratch | a preset | a hub id | a checkpoint dir")
-    g.add_argument("--resume", action="store_true", help="continue from <out_dir>/last exactly")
+    g.add_argument("--resume", action="store_true", help="continue from <out_dir>/last exactly (only "
+                   f"{', '.join(sorted(RESUMABLE - {'resume', 'config'}))} may differ from its run)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch_size", type=int, default=16, help="sequences per micro-step per process")
     g.add_argument("--seq_len", type=int, default=128, help="tokens per training sequence")
@@ -92,24 +117,32 @@ def parse_args(argv=None):
     g.add_argument("--sample_tokens", type=int, default=200, help="tokens sampled at the end (0: none)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     cfg_fields = [f for f in dataclasses.fields(module.Config) if f.name != "vocab_size"]
-    g = p.add_argument_group(f"{known.model}.Config (architecture when training from scratch)")
+    g = p.add_argument_group(f"{model}.Config (architecture when training from scratch)")
     for f in cfg_fields:
         default = f.default if f.default is not dataclasses.MISSING else None
         g.add_argument(f"--{f.name}", type=_literal, default=argparse.SUPPRESS, help=f"(default: {default!r})")
-    if known.config:
-        try:
-            overrides = json.loads(Path(known.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"error: --config {known.config}: {e}")
-        unknown = set(overrides) - {a.dest for a in p._actions}
-        if unknown:
-            raise SystemExit(f"error: --config {known.config}: unknown keys {sorted(unknown)}")
-        p.set_defaults(**overrides)
+    unknown = set(overrides) - {a.dest for a in p._actions}
+    if unknown:
+        raise BadInput(f"--config {known.config}: unknown keys {sorted(unknown)}")
+    p.set_defaults(**overrides)
     args = p.parse_args(argv)
+    args.model = model
     args.model_overrides = {f.name: getattr(args, f.name) for f in cfg_fields if hasattr(args, f.name)}
     args.out_dir = args.out_dir or f"out/{args.model}"
+    validate(args, module)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     return args, module
+
+
+def read_config(path):
+    try:
+        overrides = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = os_error_line(e) if isinstance(e, OSError) else f"not valid JSON ({e})"
+        raise BadInput(f"--config {path}: {reason}") from None
+    if not isinstance(overrides, dict):
+        raise BadInput(f"--config {path}: expected a JSON object of flag names and values")
+    return overrides
 
 
 def _literal(s):
@@ -122,6 +155,79 @@ def _literal(s):
     return {"none": None, "null": None, "true": True, "false": False}.get(s.lower(), s)
 
 
+def validate(args, module):
+    """Every flag checked in one place, before any work: BadInput names the flag and what it expects.
+    (Values from --config bypass argparse's types, so types are checked here too.)"""
+    for name, low in (("batch_size", 1), ("seq_len", 1), ("grad_accum", 1), ("max_steps", 1), ("eval_interval", 1),
+                      ("eval_iters", 1), ("log_interval", 1), ("warmup_steps", 0), ("sample_tokens", 0),
+                      ("threads", 0), ("seed", 0)):
+        value = getattr(args, name)
+        if not _is_int(value) or value < low:
+            raise BadInput(f"--{name} {value!r}: expected an integer >= {low}")
+    for name, low, high in (("lr", 0, math.inf), ("min_lr", 0, math.inf), ("weight_decay", 0, math.inf),
+                            ("grad_clip", 0, math.inf), ("beta1", 0, 1), ("beta2", 0, 1)):
+        value = getattr(args, name)
+        if name == "min_lr" and value is None:
+            continue
+        if not _is_number(value) or not low <= value < high or (name == "lr" and value == 0):
+            bounds = "a number > 0" if name == "lr" else f"a number in [{low}, {high})" if high < math.inf else \
+                f"a number >= {low}"
+            raise BadInput(f"--{name} {value!r}: expected {bounds}")
+    if args.min_lr is not None and args.min_lr > args.lr:
+        raise BadInput(f"--min_lr {args.min_lr} is above --lr {args.lr}: the cosine decays from lr down to min_lr")
+    for name in ("compile", "resume"):
+        if not isinstance(getattr(args, name), bool):
+            raise BadInput(f"--config: {name} {getattr(args, name)!r}: expected true or false")
+    for name in ("data", "out_dir", "init_from", "device", "dtype"):
+        if not isinstance(getattr(args, name), str) or not getattr(args, name):
+            raise BadInput(f"--{name} {getattr(args, name)!r}: expected a non-empty string")
+    hints = typing.get_type_hints(module.Config)
+    for name, value in args.model_overrides.items():
+        if not _fits(value, hints[name]):
+            raise BadInput(f"--{name} {value!r}: expected {_type_name(hints[name])}")
+        for v in value if isinstance(value, list) else [value]:
+            if not _is_number(v):   # None, or a bool of a bool field: its type was checked above
+                continue
+            if name == "dropout":
+                ok, expected = 0 <= v < 1, "a probability in [0, 1)"
+            elif name.endswith("_id"):
+                ok, expected = v >= 0, "a token id >= 0"
+            else:   # sizes, epsilons, rope factors: all strictly positive
+                ok, expected = v > 0, "a number > 0"
+            if not ok:
+                raise BadInput(f"--{name} {v!r}: expected {expected}")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fits(value, hint):
+    """Does a flag value match a Config annotation (int, float, int | None, int | list[int] | None, ...)?"""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return _is_number(value)
+    if hint is int:
+        return _is_int(value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint):
+    """int | list[int] | None -> 'int or list[int] or None'."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return " or ".join(h.__name__ if isinstance(h, type) else str(h) for h in (typing.get_args(hint) if union
+                                                                               else (hint,))).replace("NoneType", "None")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Data: memory-mapped token shards. A step's global batch is a pure function of (seed, step), so a resumed run
 # sees exactly the batches it would have seen; each (micro-step, rank) takes its own slice of that global batch,
@@ -129,10 +235,32 @@ def _literal(s):
 
 
 def read_meta(directory):
+    """data/<name>/meta.json, checked: BadInput naming the file and key when it is not what prepare_data writes."""
     path = Path(directory) / "meta.json"
+    if not Path(directory).is_dir():
+        raise BadInput(f"--data {directory}: no such directory (run prepare_data.py first)")
     if not path.is_file():
-        raise TrainingError(f"--data {directory}: no meta.json (run prepare_data.py first)")
-    return json.loads(path.read_text())
+        raise BadInput(f"--data {directory}: no meta.json (run prepare_data.py first)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e}); run prepare_data.py again") from None
+    if not isinstance(meta, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    for key, ok, expected in (
+            ("vocab_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
+            ("dtype", lambda v: v in ("uint16", "uint32"), "'uint16' or 'uint32'"),
+            ("train_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+            ("val_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+            ("eot_id", lambda v: v is None or _is_int(v) and 0 <= v < meta["vocab_size"], "a token id or null"),
+            ("loss_mask", lambda v: isinstance(v, bool), "true or false")):
+        if key not in meta and key in ("eot_id", "loss_mask"):
+            continue
+        if key not in meta:
+            raise BadInput(f"{path}: lacks key {key!r} ({expected})")
+        if not ok(meta[key]):
+            raise BadInput(f"{path}: {key} is {meta[key]!r}, expected {expected}")
+    return meta
 
 
 class TokenData:
@@ -146,10 +274,19 @@ class TokenData:
         self.paths = {split: directory / f"{split}.bin" for split in ("train", "val")}
         # instruction data: a uint8 mask beside the tokens, 1 where the token is a target (an assistant reply)
         self.masks = {split: directory / f"{split}.mask.bin" for split in self.paths} if self.meta.get("loss_mask") else {}
+        itemsize = np.dtype(self.meta["dtype"]).itemsize
         for split, path in self.paths.items():
-            n = path.stat().st_size // np.dtype(self.meta["dtype"]).itemsize if path.is_file() else 0
+            if not path.is_file():
+                raise BadInput(f"--data {directory}: no {path.name} (run prepare_data.py again)")
+            size = path.stat().st_size
+            n, expected = size // itemsize, self.meta[f"{split}_tokens"]
+            if size % itemsize or n != expected:
+                raise BadInput(f"--data {path}: {size:,} bytes, but meta.json says {expected:,} {self.meta['dtype']} "
+                               f"tokens ({expected * itemsize:,} bytes): a shard of another run? prepare it again")
             if n <= seq_len + 1:
                 raise TrainingError(f"--data {path}: {n} tokens, fewer than --seq_len + 2 = {seq_len + 2}")
+            if self.masks and (not self.masks[split].is_file() or self.masks[split].stat().st_size != n):
+                raise BadInput(f"--data {self.masks[split]}: missing or not one byte per token of {path.name}")
 
     def batch(self, split, seed, batch_size, part=0, parts=1):
         """Slice `part` of `parts` of the global batch drawn with `seed`: (B, T) inputs and targets."""
@@ -179,23 +316,37 @@ def step_seed(seed, step):
 
 
 def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """--device: auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps; BadInput when this machine has no such device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise BadInput(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise BadInput(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def pick_dtype(name, device):
+    """--dtype: auto is bf16 autocast on CUDA GPUs that have it (else fp16), fp32 elsewhere."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32   # CPU/MPS bf16 autocast is usually slower than fp32 for small models
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
-        raise SystemExit(f"error: --dtype {name!r}: expected auto, float32, bfloat16 or float16")
+        raise BadInput(f"--dtype {name!r}: expected auto, float32, bfloat16 or float16")
     return dtypes[name]
 
 
@@ -239,32 +390,93 @@ def set_rng_state(state, device):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoints
+# The output directory (one run at a time) and its checkpoints
 
 
-def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, data_dir, link_names):
+def open_out_dir(out_dir, resume):
+    """Create out_dir and lock it for this process (the lock goes with the process, even on kill -9), clear the
+    temp files of writers that died, and check that it holds a run to resume, or none to overwrite.
+    Returns the open lock file: keep it until the run ends."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInput(f"--out_dir {out_dir}: is a file; expected a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(out_dir))
+        lock = open(out_dir / ".lock", "a+")
+    except OSError as e:
+        raise BadInput(f"--out_dir {out_dir}: cannot write there ({e.strerror})") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise BadInput(f"--out_dir {out_dir}: in use by {holder}; wait for it to end or stop it, or use "
+                           f"another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"train.py (process {os.getpid()} on {socket.gethostname()})\n")
+    lock.flush()
+    # with the lock held, every temp file here is a dead writer's: a kill -9 or a full disk mid-save
+    for p in out_dir.glob(".*"):
+        if p.name.startswith((".tmp-ckpt-", ".stale-ckpt-")) or p.name.endswith(".tmp"):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    last = out_dir / "last"
+    if resume and not last.is_symlink():
+        raise BadInput(f"--resume: {out_dir} has no checkpoint `last` to resume")
+    if not resume and last.is_symlink():
+        raise BadInput(f"--out_dir {out_dir} holds a run (last -> {os.readlink(last)}): continue it with --resume, "
+                       f"or train into another --out_dir")
+    return lock
+
+
+def trim_metrics(path, step):
+    """Keep the metrics rows up to `step`: after a crash, the resumed run writes the steps past its checkpoint
+    again, and each step must appear once. A row cut short by the crash is dropped too."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and _is_number(row.get("step")) and row["step"] <= step:
+            rows.append(line + "\n")
+    hub.atomic_write(path, "".join(rows))
+
+
+def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, data_dir, link_names, extra=None):
     """Write ckpt-<step>/ (official layout + train_state.pt) into a temp dir, rename it, swap the symlinks."""
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step:07d}"
     last = out_dir / "last"
     if not (last.is_symlink() and os.readlink(last) == final.name):   # else saved already (Ctrl-C after an eval)
         tmp = out_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok_dir = Path(data_dir) / "tokenizer"
-        if tok_dir.is_dir():
-            for f in tok_dir.iterdir():
-                shutil.copyfile(f, tmp / f.name)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng_state(next(model.parameters()).device), "best_val_loss": best_val,
-                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        hub.atomic_write(tmp / "train_state.pt", buffer.getvalue())
+        try:
+            model.save_pretrained(tmp)
+            tok_dir = Path(data_dir) / "tokenizer"
+            if tok_dir.is_dir():
+                for f in tok_dir.iterdir():
+                    shutil.copyfile(f, tmp / f.name)
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": rng_state(next(model.parameters()).device), "best_val_loss": best_val, **(extra or {}),
+                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            hub.atomic_write(tmp / "train_state.pt", buffer.getvalue())
+        except OSError as e:   # a full disk, a quota: drop the partial copy, keep the last good checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the last good checkpoint {last} -> {os.readlink(last)} is kept" if last.is_symlink() else \
+                "no checkpoint was saved before"
+            raise TrainingError(f"saving {final}: {os_error_line(e)}; {kept}") from None
+        stale = out_dir / f".stale-{final.name}-{os.getpid()}"
         if final.exists():   # a stale one of this step from an earlier run: move it aside, never delete first
-            os.replace(final, out_dir / f".stale-{final.name}-{os.getpid()}")
+            os.replace(final, stale)
         os.replace(tmp, final)
-        shutil.rmtree(out_dir / f".stale-{final.name}-{os.getpid()}", ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     for name in link_names:
         link_tmp = out_dir / f".{name}.tmp"
         if link_tmp.is_symlink() or link_tmp.exists():
@@ -280,10 +492,74 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
 
 
 def load_train_state(ckpt_dir):
-    path = Path(ckpt_dir) / "train_state.pt"
+    """train_state.pt of a checkpoint; a damaged one is BadInput that names the checkpoint to fall back on."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / "train_state.pt"
     if not path.is_file():
-        raise TrainingError(f"--resume: {path} not found (nothing to resume in {Path(ckpt_dir).parent})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise BadInput(f"--resume: {path} not found (nothing to resume in {ckpt_dir.parent})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and {"step", "optimizer", "scaler", "rng", "best_val_loss"} <= set(state)
+    except (RuntimeError, EOFError, ValueError, TypeError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile):
+        ok = False   # torch's own message advises weights_only=False: never for a damaged file
+    if not ok:
+        target = ckpt_dir.resolve().name
+        others = sorted(d.name for d in ckpt_dir.parent.glob("ckpt-*") if d.name != target
+                        and (d / "train_state.pt").is_file())
+        fallback = (f"the previous checkpoint is {ckpt_dir.parent / others[-1]}: resume from it with "
+                    f"`ln -sfn {others[-1]} {ckpt_dir}`" if others else f"no other checkpoint in {ckpt_dir.parent}")
+        raise BadInput(f"--resume: {path} is damaged (not a train_state.pt that train.py wrote); {fallback}")
+    return state
+
+
+def tokenizer_identity(data_dir, meta):
+    """What makes a token id mean the same text: the tokenizer files' hash, else meta.json's description."""
+    h = hashlib.sha256(json.dumps([meta.get("tokenizer"), meta["vocab_size"], meta.get("eot_id")]).encode())
+    tok_dir = Path(data_dir) / "tokenizer"
+    for f in sorted(tok_dir.iterdir()) if tok_dir.is_dir() else ():
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"{meta.get('tokenizer', 'tokenizer')} with {meta['vocab_size']} tokens (sha256 {h.hexdigest()[:12]})"
+
+
+def check_resume(state, args, config, identity, global_batch, out_dir):
+    """Refuse a --resume whose flags or data differ from the checkpoint's run, naming every field that does."""
+    saved = state.get("args", {})
+    differ = [f"--{k} {v!r} (its run: {saved[k]!r})" for k, v in sorted(vars(args).items())
+              if k in saved and k not in RESUMABLE and k not in args.model_overrides and saved[k] != v]
+    differ += [f"--{k} {v!r} (the checkpoint: {getattr(config, k)!r})" for k, v in sorted(args.model_overrides.items())
+               if getattr(config, k) != v]
+    if "global_batch" in state and state["global_batch"] != global_batch:
+        differ.append(f"batch_size x grad_accum x processes = {global_batch} (its run: {state['global_batch']})")
+    if "tokenizer" in state and state["tokenizer"] != identity:
+        differ.append(f"--data {args.data}: {identity} (its run: {state['tokenizer']})")
+    if differ:
+        raise BadInput(f"--resume: differs from the run in {out_dir}: {'; '.join(differ)}. Only "
+                       f"{', '.join(sorted(RESUMABLE - {'resume', 'config', 'batch_size', 'grad_accum'}))} may change")
+    if state["step"] >= args.max_steps:
+        raise BadInput(f"--max_steps {args.max_steps}: {out_dir / 'last'} is at step {state['step']} already; "
+                       f"raise --max_steps to train on")
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers send before they kill) only set a flag; the loop acts on it at
+    the next step boundary, so a checkpoint never holds weights that a step changed without counting it.
+    A second signal stops at once (KeyboardInterrupt); the last checkpoint on disk is whole either way."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:   # ignored by the parent (nohup): stays ignored
+                    self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -292,7 +568,10 @@ def load_train_state(ckpt_dir):
 
 def train(args, module):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    master = int(os.environ.get("RANK", "0")) == 0
     device = pick_device(args.device)
+    out_dir = Path(args.out_dir)
+    lock = open_out_dir(out_dir, args.resume) if master else None   # before any work: a clash fails at once
     if ddp:
         if device.type == "cuda":
             device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
@@ -302,7 +581,6 @@ def train(args, module):
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
-    master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -321,7 +599,8 @@ def train(args, module):
         if ddp:
             dist.barrier()
     meta = read_meta(data_dir)
-    out_dir = Path(args.out_dir)
+    identity = tokenizer_identity(data_dir, meta)
+    global_batch = args.batch_size * args.grad_accum * world
 
     # the model: resumed, fine-tuned from weights, or new
     state = None
@@ -329,6 +608,7 @@ def train(args, module):
         last = out_dir / "last"
         state = load_train_state(last)
         model = module.Model.from_pretrained(str(last.resolve()))
+        check_resume(state, args, model.config, identity, global_batch, out_dir)
     elif args.init_from != "scratch":
         # under DDP rank 0 downloads first, then the others read its cache (never two writers on one file)
         if ddp and not master:
@@ -343,13 +623,22 @@ def train(args, module):
         if "dropout" in args.model_overrides:
             _set_dropout(model, args.model_overrides["dropout"])
     else:
-        fields = {"vocab_size": meta.get("vocab_size", module.Config.vocab_size)}
+        fields = {"vocab_size": meta["vocab_size"]}
         if meta.get("eot_id") is not None and "eos_token_id" in {f.name for f in dataclasses.fields(module.Config)}:
             fields["eos_token_id"] = meta["eot_id"]
-        model = module.Model(module.Config(**{**fields, **args.model_overrides}))
+        try:
+            config = module.Config(**{**fields, **args.model_overrides})
+        except ValueError as e:   # Config's own checks of how the sizes fit together (n_embd % n_head, ...)
+            raise BadInput(f"{args.model}.Config: {e}") from None
+        model = module.Model(config)
     config = model.config
     if args.seq_len > config.block_size:
         raise TrainingError(f"--seq_len {args.seq_len} exceeds the model's context length {config.block_size}")
+    for name in ("bos_token_id", "eos_token_id"):
+        ids = getattr(config, name, None)
+        for i in ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]:
+            if not 0 <= i < config.vocab_size:
+                raise BadInput(f"--{name} {i}: outside the vocabulary of {config.vocab_size} tokens")
     data = TokenData(data_dir, args.seq_len, config.vocab_size, meta)
     model.to(device)
     optimizer = make_optimizer(model, args, device)
@@ -361,6 +650,7 @@ def train(args, module):
         set_rng_state(state["rng"], device)
         step, best_val = state["step"], state["best_val_loss"]
         log(f"resumed from {out_dir / 'last'} at step {step}")
+    saved_step = step
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -373,9 +663,10 @@ def train(args, module):
     peak = peak_flops(device)
     log(f"model {args.model}: {n_params / 1e6:.2f}M parameters | device {device} {dtype} | world {world} | "
         f"{tokens_per_step:,} tokens/step | data {data_dir} ({data.meta['train_tokens']:,} train tokens)")
+    metrics = None
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(out_dir / "metrics.jsonl", "a") if master else None
+        trim_metrics(out_dir / "metrics.jsonl", step)   # a new run (step 0) starts an empty file
+        metrics = open(out_dir / "metrics.jsonl", "a")
 
     def evaluate():
         model.eval()
@@ -396,20 +687,32 @@ def train(args, module):
         return losses
 
     def checkpoint(links):
+        nonlocal saved_step
         if master:
-            save_checkpoint(out_dir, raw_model, optimizer, scaler, step, best_val, args, data_dir, links)
+            save_checkpoint(out_dir, raw_model, optimizer, scaler, step, best_val, args, data_dir, links,
+                            {"global_batch": global_batch, "tokenizer": identity})
         if ddp:
             dist.barrier()
+        saved_step = step
 
     def record(entry):
         if master:
             metrics.write(json.dumps(entry) + "\n")
             metrics.flush()
 
+    def stop_requested():
+        requested = stop.signal is not None
+        if ddp:   # every rank stops at the same step, or the others would wait in the next all-reduce forever
+            flag = torch.tensor([float(requested)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
+
     model.train()
     t_log, tokens_since = time.perf_counter(), 0
+    stop = StopRequest()
     try:
-        while step < args.max_steps:
+        while step < args.max_steps and not stop_requested():
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -463,14 +766,23 @@ def train(args, module):
                 record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], "time": time.time()})
                 checkpoint(["last", "best"] if improved else ["last"])
                 t_log, tokens_since = time.perf_counter(), 0
-    except KeyboardInterrupt:
-        log(f"\ninterrupted at step {step}: saving {out_dir / 'last'} ...")
-        if step > 0:
-            checkpoint(["last"])
-        log("saved; continue with --resume")
-        _shutdown(ddp, metrics)
-        return raw_model, 130
-    _shutdown(ddp, metrics)
+        if step < args.max_steps:   # stopped by a signal, at a step boundary
+            if step > saved_step:
+                log(f"\ninterrupted at step {step}: saving {out_dir / 'last'} ...")
+                checkpoint(["last"])
+                log("saved; continue with --resume")
+            else:
+                log(f"\ninterrupted at step {step}: " + (f"{out_dir / 'last'} holds this step already; continue with "
+                                                         "--resume" if step else "nothing trained, nothing saved"))
+            return raw_model, 128 + (stop.signal or signal.SIGINT)
+    finally:
+        stop.restore()
+        if metrics:
+            metrics.close()
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+        if lock:
+            lock.close()
     if master and args.sample_tokens > 0:
         show_sample(raw_model, data, data_dir, args.sample_tokens, device)
     return raw_model, 0
@@ -485,17 +797,13 @@ def _set_dropout(model, p):
             m.p = p
 
 
-def _shutdown(ddp, metrics):
-    if metrics:
-        metrics.close()
-    if ddp:
-        dist.destroy_process_group()
-
-
 def show_sample(model, data, data_dir, n_tokens, device):
     """Print a sample continuing a few tokens of validation text, so a learner sees what the model learned."""
     import bpe
     import sample
+    if not (Path(data_dir) / "tokenizer").is_dir():
+        print(f"(no sample: {Path(data_dir) / 'tokenizer'} is missing, so the tokens cannot be shown as text)")
+        return
     tok = bpe.load(Path(data_dir) / "tokenizer")
     val = np.memmap(data.paths["val"], dtype=data.meta["dtype"], mode="r")
     prompt = torch.from_numpy(val[:16].astype(np.int64))[None].to(device)
@@ -514,12 +822,11 @@ def main(argv=None):
     args, module = parse_args(argv)
     try:
         _, code = train(args, module)
-    except (TrainingError, hub.HubError, ValueError) as e:
+    finally:   # an error before the loop, under torchrun: leave the process group cleanly
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise SystemExit(f"error: {e}")
     sys.exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -25,7 +25,8 @@ def make_data(directory, n_train=40_000, n_val=4_000, vocab_size=257):
     ids = np.frombuffer((text * (1 + (n_train + n_val) // len(text)))[:n_train + n_val], dtype=np.uint8)
     ids.astype(np.uint16)[:n_train].tofile(directory / "train.bin")
     ids.astype(np.uint16)[n_train:].tofile(directory / "val.bin")
-    meta = {"vocab_size": vocab_size, "dtype": "uint16", "eot_id": 256, "train_tokens": n_train, "val_tokens": n_val}
+    meta = {"vocab_size": vocab_size, "dtype": "uint16", "eot_id": 256 if vocab_size > 256 else None,
+            "train_tokens": n_train, "val_tokens": n_val}
     (directory / "meta.json").write_text(json.dumps(meta))
     return directory
 
@@ -97,7 +98,7 @@ def test_grad_accum_equals_bigger_batch(data, tmp_path):
 
 
 def test_unknown_model():
-    with pytest.raises(SystemExit, match="--model 'gpt5' is not one of"):
+    with pytest.raises(train.BadInput, match="--model .gpt5. is not one of"):
         train.parse_args(["--model", "gpt5"])
 
 
