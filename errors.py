@@ -7,11 +7,19 @@ with one line that names the flag, file or key and says what was expected. The d
     >>> raise BadInput("--batch_size 0: expected an integer >= 1")
     error: --batch_size 0: expected an integer >= 1            # what the user sees from a driver
 """
+import argparse
 import sys
 
 
 class BadInput(Exception):
     """Bad input or environment: one line naming the flag, file or key and what was expected."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, whose errors (a missing value, 'two' for an int) are BadInput too: one line, not usage + message."""
+
+    def error(self, message):
+        raise BadInput(f"{message} (see --help)")
 
 
 def os_error_line(e):

@@ -73,7 +73,7 @@ RESUMABLE = {"max_steps", "eval_interval", "eval_iters", "log_interval", "sample
 
 
 def parse_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = errors.ArgumentParser(add_help=False)
     pre.add_argument("--model", default=None)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -83,7 +83,7 @@ def parse_args(argv=None):
         raise BadInput(f"--model {model!r} is not one of {', '.join(MODELS)}")
     module = importlib.import_module(model)
 
-    p = argparse.ArgumentParser(description="Train any model file of this repo.",
+    p = errors.ArgumentParser(description="Train any model file of this repo.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="gpt2", help=f"model file: {' | '.join(MODELS)}")
     p.add_argument("--config", default=None, help="JSON file of overrides for any flag below")
@@ -424,10 +424,10 @@ def open_out_dir(out_dir, resume):
         if p.name.startswith((".tmp-ckpt-", ".stale-ckpt-")) or p.name.endswith(".tmp"):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     last = out_dir / "last"
-    if resume and not last.is_symlink():
-        raise BadInput(f"--resume: {out_dir} has no checkpoint `last` to resume")
-    if not resume and last.is_symlink():
-        raise BadInput(f"--out_dir {out_dir} holds a run (last -> {os.readlink(last)}): continue it with --resume, "
+    if resume != last.is_symlink():
+        lock.close()
+        raise BadInput(f"--resume: {out_dir} has no checkpoint `last` to resume" if resume else
+                       f"--out_dir {out_dir} holds a run (last -> {os.readlink(last)}): continue it with --resume, "
                        f"or train into another --out_dir")
     return lock
 
@@ -535,9 +535,6 @@ def check_resume(state, args, config, identity, global_batch, out_dir):
     if differ:
         raise BadInput(f"--resume: differs from the run in {out_dir}: {'; '.join(differ)}. Only "
                        f"{', '.join(sorted(RESUMABLE - {'resume', 'config', 'batch_size', 'grad_accum'}))} may change")
-    if state["step"] >= args.max_steps:
-        raise BadInput(f"--max_steps {args.max_steps}: {out_dir / 'last'} is at step {state['step']} already; "
-                       f"raise --max_steps to train on")
 
 
 class StopRequest:
@@ -567,11 +564,20 @@ class StopRequest:
 
 
 def train(args, module):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    """Train; returns (model, exit status). Rank 0 holds the out_dir's lock from before any work to the end."""
     master = int(os.environ.get("RANK", "0")) == 0
+    lock = open_out_dir(Path(args.out_dir), args.resume) if master else None
+    try:
+        return _train(args, module, master)
+    finally:
+        if lock:
+            lock.close()
+
+
+def _train(args, module, master):
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
     device = pick_device(args.device)
     out_dir = Path(args.out_dir)
-    lock = open_out_dir(out_dir, args.resume) if master else None   # before any work: a clash fails at once
     if ddp:
         if device.type == "cuda":
             device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
@@ -609,6 +615,10 @@ def train(args, module):
         state = load_train_state(last)
         model = module.Model.from_pretrained(str(last.resolve()))
         check_resume(state, args, model.config, identity, global_batch, out_dir)
+        if state["step"] >= args.max_steps:   # a finished run requeued by a scheduler: nothing to do
+            log(f"{last} is at step {state['step']} of --max_steps {args.max_steps}: nothing to train "
+                f"(raise --max_steps to go on)")
+            return model, 0
     elif args.init_from != "scratch":
         # under DDP rank 0 downloads first, then the others read its cache (never two writers on one file)
         if ddp and not master:
@@ -781,8 +791,6 @@ def train(args, module):
             metrics.close()
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
-        if lock:
-            lock.close()
     if master and args.sample_tokens > 0:
         show_sample(raw_model, data, data_dir, args.sample_tokens, device)
     return raw_model, 0
