@@ -23,7 +23,6 @@ autograd saved for backward stay alive until released) are subtracted, and the l
 operator is the peak. It counts what was allocated inside the call (not inputs or parameters that existed
 before) and cannot see scratch memory inside a single kernel.
 """
-import argparse
 import math
 import os
 import sys
@@ -38,6 +37,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import errors
 import hub
 from components.attention import (Attention, SparseAttention, attention, dilated_window_attention, ring_attention,
                                   sliding_window_mask, sparse_attention)
@@ -693,7 +693,7 @@ def run(family, quick, out_dir, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Compare one family of components side by side.")
+    parser = errors.ArgumentParser(description="Compare one family of components side by side.")
     parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("--quick", action="store_true", help="a short run: under a minute on 2 CPU cores")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "report"),
@@ -701,10 +701,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+        raise errors.BadInput("--device cuda: no CUDA device is available")
     ok = run(args.family, args.quick, args.out, torch.device(args.device))
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run(main))

@@ -9,6 +9,7 @@ import torch
 
 from components.compare import (ByteData, PeakMemory, TinyConfig, TinyLM, count_flops, main, plot, stdlib_bytes,
                                 train_variant)
+from errors import BadInput
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +97,7 @@ def test_training_lowers_the_loss_and_moe_reports_balance():
 
 
 def test_cli_errors():
-    with pytest.raises(SystemExit):
+    with pytest.raises(BadInput, match="argument family: invalid choice: 'kernels'"):
         main(["kernels"])
     cfg = replace(TinyConfig(), n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="n_embd=30 must be n_head=4 times"):
