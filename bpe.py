@@ -56,8 +56,8 @@ File formats read by `load(path)` (a file, or a model directory: see `_load_dir`
   pattern and its 256 special tokens (3.1+ names; 3.0 names when params.json has no use_scaled_rope).
 Special tokens follow tiktoken: their text in the input is an error unless allowed (`allowed_special`).
 HF's added tokens that are not marked special (Qwen's <think>, <tool_call>) count as special tokens too.
-Bad files raise ValueError naming the file and the line or key; a folder without a tokenizer raises
-FileNotFoundError.
+Bad or missing files raise errors.BadInput naming the file and the line or key; ValueError and TypeError
+are for misuse of the API (a bad pattern or argument passed to train(), special-token text in encode()).
 """
 import base64
 import codecs
@@ -73,6 +73,7 @@ from pathlib import Path
 import tiktoken
 
 import hub
+from errors import BadInput
 
 SAVE_NAME = "tokenizer.bpe"
 # The files that make up a tokenizer in a model directory (copied beside checkpoints by prepare_data.py).
@@ -338,7 +339,8 @@ def train(text, vocab_size, pattern="gpt2", special_tokens=None):
     special_tokens: None, a list of names (ids after the merges), or a dict name -> id using the top ids,
         e.g. {"<|endoftext|>": vocab_size - 1}. Their text is cut out of the training data.
     Ties between equally frequent pairs go to the smallest (left id, right id), so training is deterministic.
-    If the text runs out of pairs first, there are fewer merges (a warning says so).
+    If the text runs out of pairs first, there are fewer merges (a warning says so), and the special tokens
+    move down to follow the last merge: every id below vocab_size is a token.
 
     >>> train("aaabdaaabac", 259, pattern=None).merge_pairs   # aa (4 times), then ab before (aa)a: both 2
     [(97, 97), (97, 98), (256, 257)]
@@ -367,7 +369,7 @@ def train(text, vocab_size, pattern="gpt2", special_tokens=None):
     for a, b in merges:
         vocab.append(vocab[a] + vocab[b])
     if isinstance(special_tokens, dict):
-        ids = dict(special_tokens)
+        ids = {name: i - (n_merges - len(merges)) for name, i in special_tokens.items()}
     else:
         ids = {name: len(vocab) + i for i, name in enumerate(specials)}
     return Tokenizer({t: i for i, t in enumerate(vocab)}, splitter.pattern, ids, merge_pairs=merges)
@@ -478,7 +480,7 @@ class Tokenizer:
         self.vocab_size = max(self.vocab) + 1
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
-            raise ValueError(f"{name}: byte {missing[0]:#04x} has no token: a byte-level BPE needs all 256")
+            raise BadInput(f"{name}: byte {missing[0]:#04x} has no token: a byte-level BPE needs all 256")
         self.add_bos = add_bos   # does the official pipeline start every text with BOS? Callers add it.
         self.bos_id = bos_id if bos_id is not None else next(
             (self.special_tokens[s] for s in _KNOWN_BOS if s in self.special_tokens), None)
@@ -678,13 +680,13 @@ class NormalizingEncoding(tiktoken.Encoding):
 
 
 def read_text(path):
-    """Read a UTF-8 text file; invalid bytes raise ValueError naming the file and the byte offset."""
+    """Read a UTF-8 text file; invalid bytes raise BadInput naming the file and the byte offset."""
     data = Path(path).read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 at byte offset {e.start} "
-                         f"({data[e.start:e.start + 4]!r}...)") from None
+        raise BadInput(f"{path}: not valid UTF-8 at byte offset {e.start} "
+                       f"({data[e.start:e.start + 4]!r}...)") from None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -697,7 +699,7 @@ def load(path):
     if path.is_dir():
         return _load_dir(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such tokenizer file or model directory")
+        raise BadInput(f"{path}: no such tokenizer file or model directory")
     if path.name in ("encoder.json", "vocab.bpe", "vocab.json", "merges.txt"):   # one of a pair
         return _load_dir(path.parent)
     head = path.open("rb").read(64)
@@ -727,8 +729,8 @@ def _load_dir(d):
         params = _read_json_if(ranks_file.parent / "params.json")
         tok = _load_tiktoken_ranks(ranks_file, llama_30=bool(params) and not params.get("use_scaled_rope"))
     else:
-        raise FileNotFoundError(f"{d}: no tokenizer found (looked for {SAVE_NAME}, tokenizer.json, vocab.json + "
-                                f"merges.txt, encoder.json + vocab.bpe, tokenizer.model, original/tokenizer.model)")
+        raise BadInput(f"{d}: no tokenizer found (looked for {SAVE_NAME}, tokenizer.json, vocab.json + "
+                       f"merges.txt, encoder.json + vocab.bpe, tokenizer.model, original/tokenizer.model)")
     eos = set(tok.eos_ids or ())
     for f in ("generation_config.json", "config.json"):
         ids = _read_json_if(d / f).get("eos_token_id")
@@ -751,17 +753,26 @@ def _load_dir(d):
 def _need_pair(d, a, b):
     for name in (a, b):
         if not (d / name).is_file():
-            raise FileNotFoundError(f"{d}: has {a if name == b else b} but not {name}; both are needed")
+            raise BadInput(f"{d}: has {a if name == b else b} but not {name}; both are needed")
 
 
 def _read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
-                         f"truncated or corrupted?") from None
+        raise BadInput(f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+                       f"truncated or corrupted?") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 at byte offset {e.start}; corrupted?") from None
+        raise BadInput(f"{path}: not valid UTF-8 at byte offset {e.start}; corrupted?") from None
+
+
+def _check_pattern(pattern, where):
+    """A pattern read from a file: one that Python's re cannot run is the file's fault, not the caller's."""
+    try:
+        _Splitter(pattern)
+    except ValueError as e:
+        raise BadInput(f"{where}: {e}") from None
+    return pattern
 
 
 def _read_json_if(path):
@@ -769,7 +780,7 @@ def _read_json_if(path):
         return {}
     obj = _read_json(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise BadInput(f"{path}: expected a JSON object")
     return obj
 
 
@@ -809,42 +820,44 @@ def _unbyte(token):
 
 
 def _load_own(path):
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     if lines[0] != "bpe v1":
-        raise ValueError(f"{path}, line 1: expected 'bpe v1', got {lines[0][:40]!r}")
+        raise BadInput(f"{path}, line 1: expected 'bpe v1', got {lines[0][:40]!r}")
     try:
         key, value = lines[1].split(" ", 1)
         if key != "pattern":
             raise ValueError
         pattern = json.loads(value)
-    except ValueError:
-        raise ValueError(f"{path}, line 2: expected 'pattern <JSON string or list>'") from None
+    except (ValueError, IndexError):
+        raise BadInput(f"{path}, line 2: expected 'pattern <JSON string or list>'") from None
+    _check_pattern(pattern, f"{path}, line 2")
     specials, n = {}, 2
     while n < len(lines) and lines[n].startswith("special "):
         try:
             _, i, name = lines[n].split(" ", 2)
             specials[json.loads(name)] = int(i)
         except ValueError:
-            raise ValueError(f"{path}, line {n + 1}: expected 'special <id> <JSON string>'") from None
+            raise BadInput(f"{path}, line {n + 1}: expected 'special <id> <JSON string>'") from None
         n += 1
-    if n >= len(lines) or not lines[n].startswith("merges "):
-        raise ValueError(f"{path}, line {n + 1}: expected 'merges <count>'")
-    count = int(lines[n].split()[1])
+    declared = re.fullmatch(r"merges (\d+)", lines[n]) if n < len(lines) else None
+    if not declared:
+        raise BadInput(f"{path}, line {n + 1}: expected 'merges <count>'")
+    count = int(declared[1])
     body = lines[n + 1:]
     if len(body) != count + 1 or body[-1] != "":
-        raise ValueError(f"{path}: declares {count} merges but has {len([b for b in body if b])} lines of them "
-                         f"(truncated?)")
+        raise BadInput(f"{path}: declares {count} merges but has {len([b for b in body if b])} lines of them "
+                       f"(truncated?)")
     vocab, pairs = [bytes([b]) for b in range(256)], []
     for k, line in enumerate(body[:-1]):
         try:
             a, b = map(int, line.split(" "))
             vocab.append(vocab[a] + vocab[b])
         except (ValueError, IndexError):
-            raise ValueError(f"{path}, line {n + 2 + k}: expected two ids below {len(vocab)}, got {line!r}") from None
+            raise BadInput(f"{path}, line {n + 2 + k}: expected two ids below {len(vocab)}, got {line!r}") from None
         pairs.append((a, b))
     for s, i in specials.items():
-        if i < len(vocab):
-            raise ValueError(f"{path}: special token {s!r} has id {i}, which a merge already uses")
+        if not isinstance(s, str) or i < len(vocab):
+            raise BadInput(f"{path}: special token {s!r} has id {i}: expected a string, with an id after the merges")
     return Tokenizer({t: i for i, t in enumerate(vocab)}, pattern, specials, merge_pairs=pairs, name=str(path))
 
 
@@ -852,14 +865,14 @@ def _load_vocab_merges(vocab_path, merges_path, config=None):
     """GPT-2's encoder.json + vocab.bpe, or HF's vocab.json + merges.txt (GPT-2, Qwen): HF's merge rule."""
     config = config or {}
     encoder = _read_json(vocab_path)
-    lines = merges_path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(merges_path).split("\n")
     merges = []
     for n, line in enumerate(lines, 1):
         if line.startswith("#version") or (not line and n == len(lines)):   # header; the final newline
             continue
         parts = line.split(" ")
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"{merges_path}, line {n}: expected a merge 'left right', got {line[:60]!r}")
+            raise BadInput(f"{merges_path}, line {n}: expected a merge 'left right', got {line[:60]!r}")
         merges.append((parts, f"{merges_path}, line {n}"))
     added = {_token_content(t["content"] if isinstance(t, dict) else t): int(i)
              for i, t in (config.get("added_tokens_decoder") or {}).items()}
@@ -870,6 +883,8 @@ def _load_vocab_merges(vocab_path, merges_path, config=None):
 
 def _build_hf(vocab, merges, added, where, pattern, normalization, ignore_merges, add_bos=False, bos_id=None):
     """Shared by the HF loaders: vocab {byte-level string: id}, merges [((left, right), where)], added tokens."""
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise BadInput(f"{where}: the vocabulary must be a JSON object {{token: id}}")
     decoded = {s: _unbyte(s) for s in vocab if s not in added}
     ids = {t: vocab[s] for s, t in decoded.items() if t is not None}
     priority = {}
@@ -877,7 +892,7 @@ def _build_hf(vocab, merges, added, where, pattern, normalization, ignore_merges
         a, b = _unbyte(left), _unbyte(right)
         for part, s in ((a, left), (b, right), (a + b if a and b else None, left + right)):
             if part not in ids:
-                raise ValueError(f"{line}: merge {left!r} {right!r} uses {s!r}, which is not in the vocabulary")
+                raise BadInput(f"{line}: merge {left!r} {right!r} uses {s!r}, which is not in the vocabulary")
         priority.setdefault((a, b), rank)
     made = {bytes([b]) for b in range(256)} | {a + b for a, b in priority}
     specials = dict(added)
@@ -885,8 +900,8 @@ def _build_hf(vocab, merges, added, where, pattern, normalization, ignore_merges
         i = vocab[s]
         if t is None or t not in made:
             if not re.fullmatch(r"<\|[^|]+\|>|<｜.+｜>", s):
-                raise ValueError(f"{where}: token {s!r} (id {i}) is neither a byte, the result of a merge, nor an "
-                                 f"added token ({len(merges)} merges read): truncated merges file?")
+                raise BadInput(f"{where}: token {s!r} (id {i}) is neither a byte, the result of a merge, nor an "
+                               f"added token ({len(merges)} merges read): truncated merges file?")
             ids.pop(t, None)
             specials[s] = i
     return Tokenizer(ids, pattern, specials, merges=priority, ignore_merges=ignore_merges, name=where,
@@ -895,27 +910,27 @@ def _build_hf(vocab, merges, added, where, pattern, normalization, ignore_merges
 
 def _load_tokenizer_json(path):
     tj = _read_json(path)
-    model = tj.get("model")
+    model = tj.get("model") if isinstance(tj, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
-        raise ValueError(f"{path}: key 'model' must be a BPE model with 'vocab' and 'merges'")
+        raise BadInput(f"{path}: key 'model' must be a BPE model with 'vocab' and 'merges'")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise ValueError(f"{path}: model.{key} = {model[key]!r} is not supported (byte-level BPE only)")
+            raise BadInput(f"{path}: model.{key} = {model[key]!r} is not supported (byte-level BPE only)")
     if model.get("byte_fallback"):
-        raise ValueError(f"{path}: model.byte_fallback is for SentencePiece-style BPE, not supported")
+        raise BadInput(f"{path}: model.byte_fallback is for SentencePiece-style BPE, not supported")
     merges = []
     for k, m in enumerate(model.get("merges") or []):
         parts = m.split(" ") if isinstance(m, str) else m
         if not isinstance(parts, list) or len(parts) != 2:
-            raise ValueError(f"{path}: model.merges[{k}] = {m!r}: expected 'left right' or [left, right]")
+            raise BadInput(f"{path}: model.merges[{k}] = {m!r}: expected 'left right' or [left, right]")
         merges.append((parts, f"{path}: model.merges[{k}]"))
     added = {}
     for k, t in enumerate(tj.get("added_tokens") or []):
         if not isinstance(t, dict) or "content" not in t or "id" not in t:
-            raise ValueError(f"{path}: added_tokens[{k}] must have 'id' and 'content'")
+            raise BadInput(f"{path}: added_tokens[{k}] must have 'id' and 'content'")
         added[t["content"]] = t["id"]
     normalization = _normalizer_forms(tj.get("normalizer"), path)
-    pattern = _pretokenizer_patterns(tj.get("pre_tokenizer"), path)
+    pattern = _check_pattern(_pretokenizer_patterns(tj.get("pre_tokenizer"), path), path)
     add_bos, bos_id = _template_bos(tj.get("post_processor"), added)
     return _build_hf(model["vocab"], merges, added, str(path), pattern, normalization,
                      bool(model.get("ignore_merges")), add_bos=add_bos, bos_id=bos_id)
@@ -929,7 +944,7 @@ def _normalizer_forms(norm, path):
         return tuple(f for n in norm.get("normalizers", []) for f in _normalizer_forms(n, path))
     if kind in _NORMAL_FORMS:
         return (kind,)
-    raise ValueError(f"{path}: normalizer {kind!r} is not supported (only NFC, NFD, NFKC, NFKD and Sequence)")
+    raise BadInput(f"{path}: normalizer {kind!r} is not supported (only NFC, NFD, NFKC, NFKD and Sequence)")
 
 
 def _pretokenizer_patterns(pre, path):
@@ -940,18 +955,18 @@ def _pretokenizer_patterns(pre, path):
         kind = step.get("type")
         if kind == "ByteLevel":
             if step.get("add_prefix_space"):
-                raise ValueError(f"{path}: pre_tokenizer ByteLevel(add_prefix_space=true) is not supported")
+                raise BadInput(f"{path}: pre_tokenizer ByteLevel(add_prefix_space=true) is not supported")
             if step.get("use_regex", True):
                 patterns.append(PATTERNS["gpt2"])
         elif kind == "Split":
             pat = step.get("pattern", {})
             if step.get("invert") or str(step.get("behavior", "")).lower() != "isolated":
-                raise ValueError(f"{path}: pre_tokenizer Split must have behavior 'Isolated' and invert false")
+                raise BadInput(f"{path}: pre_tokenizer Split must have behavior 'Isolated' and invert false")
             patterns.append(pat["Regex"] if "Regex" in pat else re.escape(pat.get("String", "")))
         else:
-            raise ValueError(f"{path}: pre_tokenizer {kind!r} is not supported (ByteLevel, Split, Sequence)")
+            raise BadInput(f"{path}: pre_tokenizer {kind!r} is not supported (ByteLevel, Split, Sequence)")
     if not any(s.get("type") == "ByteLevel" for s in steps):
-        raise ValueError(f"{path}: no ByteLevel pre_tokenizer: only byte-level BPE is supported")
+        raise BadInput(f"{path}: no ByteLevel pre_tokenizer: only byte-level BPE is supported")
     return patterns[0] if len(patterns) == 1 else tuple(patterns) if patterns else None
 
 
@@ -988,7 +1003,7 @@ def _load_tiktoken_ranks(path, llama_30=False):
     """A tiktoken ranks file (Llama 3's tokenizer.model): one 'base64(token) rank' per line."""
     data = path.read_bytes()
     if b"\x00" in data[:1024]:
-        raise ValueError(f"{path}: a binary file, not a tiktoken ranks file (a SentencePiece model? not supported)")
+        raise BadInput(f"{path}: a binary file, not a tiktoken ranks file (a SentencePiece model? not supported)")
     ranks = {}
     for n, line in enumerate(data.split(b"\n"), 1):
         if not line:
@@ -997,13 +1012,13 @@ def _load_tiktoken_ranks(path, llama_30=False):
             token, rank = line.split(b" ")
             token, rank = base64.b64decode(token, validate=True), int(rank)
         except ValueError:
-            raise ValueError(f"{path}, line {n}: expected 'base64-token rank', got {line[:60]!r} "
-                             f"(truncated or not a tiktoken ranks file?)") from None
+            raise BadInput(f"{path}, line {n}: expected 'base64-token rank', got {line[:60]!r} "
+                           f"(truncated or not a tiktoken ranks file?)") from None
         if token in ranks:
-            raise ValueError(f"{path}, line {n}: token {token!r} appears twice")
+            raise BadInput(f"{path}, line {n}: token {token!r} appears twice")
         ranks[token] = rank
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps (truncated or corrupted?)")
+        raise BadInput(f"{path}: ranks are not 0..{len(ranks) - 1} without gaps (truncated or corrupted?)")
     names = _LLAMA3_SPECIALS_30 if llama_30 else _LLAMA3_SPECIALS_31
     specials = {s: len(ranks) + i for i, s in enumerate(names)}
     return Tokenizer(ranks, "llama3", specials, add_bos=True, name=str(path))

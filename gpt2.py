@@ -44,17 +44,21 @@ class Config:
 
     @classmethod
     def from_hf(cls, d):
-        """From an official config.json dict (GPT2Config)."""
+        """From an official config.json dict (GPT2Config); ValueError naming the key it cannot take."""
+        d = {k: v for k, v in d.items() if v is not None}   # null stands for the default, as in transformers
         if d.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"config.json has model_type {d.get('model_type')!r}, expected 'gpt2': "
-                             f"these are weights of another family, load them with that family's model file")
+            raise ValueError(f"model_type {d.get('model_type')!r}, expected 'gpt2': these are weights of "
+                             f"another family, load them with that family's model file")
+        required = ("vocab_size", "n_layer", "n_head", "n_embd")
+        hub.check_keys(d, dict.fromkeys(required + ("n_positions", "n_ctx", "n_inner"), int) | dict(
+            layer_norm_epsilon=float, resid_pdrop="rate", bos_token_id="ids", eos_token_id="ids"), required)
         if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"config.json activation_function {d['activation_function']!r} is not GPT-2's tanh GELU")
+            raise ValueError(f"activation_function {d['activation_function']!r:.60} is not GPT-2's tanh GELU")
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if d.get(flag):
-                raise ValueError(f"config.json sets {flag}=true, which gpt2.py does not implement")
+                raise ValueError(f"sets {flag}=true, which gpt2.py does not implement")
         if d.get("scale_attn_weights") is False:
-            raise ValueError("config.json sets scale_attn_weights=false, which gpt2.py does not implement")
+            raise ValueError("sets scale_attn_weights=false, which gpt2.py does not implement")
         return cls(vocab_size=d["vocab_size"], block_size=d.get("n_positions", d.get("n_ctx", 1024)),
                    n_layer=d["n_layer"], n_head=d["n_head"], n_embd=d["n_embd"], n_inner=d.get("n_inner"),
                    dropout=d.get("resid_pdrop", 0.0), layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
@@ -230,7 +234,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, source, *, dtype=None, device=None):
         """source: a directory in the official layout (ours or OpenAI's), a hub repo id, or a PRESETS name."""
         directory = hub.resolve(HUB_IDS.get(source, source) if not Path(source).is_dir() else source)
-        config = Config.from_hf(hub.read_json(Path(directory) / "config.json"))
+        config = hub.read_config(Path(directory) / "config.json", Config.from_hf)
         with torch.device("meta"):
             model = cls(config)
         state = {}
@@ -265,16 +269,9 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 def _check_state(model, state, directory):
     """Every expected key present with its shape, nothing unexpected: one clear line otherwise."""
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    for key in expected:
-        if key not in state:
-            raise ValueError(f"{directory}: weights lack key {key!r} (expected shape {tuple(expected[key])})")
     for key, tensor in state.items():
-        if key not in expected:
-            raise ValueError(f"{directory}: unexpected key {key!r} in the weights: not a GPT-2 checkpoint, "
-                             f"or a variant gpt2.py does not implement")
-        if tensor.shape != expected[key]:
-            raise ValueError(f"{directory}: key {key!r} has shape {tuple(tensor.shape)}, config.json implies "
-                             f"{tuple(expected[key])}")
+        hub.check_tensor(expected, key, tensor.shape, directory, "GPT-2")
+    hub.check_complete(expected, state, directory)
 
 
 Model = GPT

@@ -15,13 +15,14 @@ sends their sha256 in the X-Linked-Etag header as well as in the listing.
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 import torch
@@ -29,18 +30,26 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import errors
+
 CACHE_DIR = Path(os.environ.get("NANOLLM_CACHE") or Path.home() / ".cache" / "nanollm")
 ENDPOINT = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+# huggingface_hub's switch: only what the cache holds, never the network
+OFFLINE = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 RETRIES = 4          # tries per request on connection errors, timeouts and 5xx answers
 BACKOFF = 0.5        # seconds before the 2nd try; doubles for each further one (0.5, 1, 2)
 TIMEOUT = (10, 60)   # seconds to connect, and to wait for the next bytes of an answer
 CHUNK = 2**20        # bytes read at a time; a dropped connection loses at most the chunk in flight
 INDEX = "model.safetensors.index.json"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# the hub's rule for ids: ASCII letters, digits, '_', '-', '.'; each part starts and ends with a letter, digit or
+# '_'; no '--' (our cache folders join owner and name with it) and no '..'
+REPO_ID = re.compile(r"(?!.*(--|\.\.))\w(?:[\w.-]{0,94}\w)?/\w(?:[\w.-]{0,94}\w)?", re.ASCII)
+# the X-Error-Code values the hub sends; anything else a server puts there is not shown (it may echo a token)
+HUB_ERROR_CODES = {"GatedRepo", "RepoNotFound", "EntryNotFound", "RevisionNotFound", "DisabledRepo"}
 
 
-class HubError(RuntimeError):
+class HubError(errors.BadInput):
     """Every failure of this module, as one line: which repo or file, what happened, what to do."""
 
 
@@ -55,38 +64,48 @@ class _Transient(Exception):
 # ----------------------------------------------------------------------------- downloading
 
 def _token():
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    token = (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or "").strip()
+    if not re.fullmatch(r"[!-~]*", token):
+        # else requests refuses the header with an error that quotes it, token and all
+        raise HubError("HF_TOKEN (or HUGGING_FACE_HUB_TOKEN) holds a space, a line break or a non-ASCII "
+                       "character, which no token has; set it to the token alone (not shown here)")
+    return token or None
 
 
-def _headers():
+def _headers(hub_file):
     # identity: Range offsets count the file's own bytes, which a gzip-encoded answer would not
     headers = {"Accept-Encoding": "identity", "User-Agent": "nanollm-hub"}
-    if _token():
+    if hub_file and _token():   # the token is for the hub, not for every server a dataset comes from
         # requests drops this header when a redirect leaves the host, so the CDN never sees the token
         headers["Authorization"] = f"Bearer {_token()}"
     return headers
 
 
 def _reason(e):
-    """The useful part of a requests error: '[Errno 111] Connection refused', not a connection pool repr."""
+    """What went wrong, as '[Errno 111] Connection refused' or 'timed out': never the text of a requests error,
+    which holds the URL (its query or user:password@ may carry credentials)."""
+    if isinstance(e, _Transient):
+        return str(e)
     m = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))
-    return m.group(0).strip() if m else (str(e) or type(e).__name__)[:200]
+    return m.group(0).strip() if m else "timed out" if isinstance(e, requests.Timeout) else type(e).__name__
 
 
-def _check(r, what, repo_id, url):
-    """Raise HubError for a 4xx answer and _Transient for a 5xx or 429 one."""
+def _check(r, what, repo_id):
+    """Raise HubError for a 4xx answer and _Transient for a 5xx or 429 one. Neither shows the URL, nor an error
+    code other than the hub's own: a server may echo credentials in its headers."""
     if r.status_code < 400:
         return
-    code = f"HTTP {r.status_code}" + (f" {r.headers['X-Error-Code']}" if "X-Error-Code" in r.headers else "")
-    if r.status_code in (401, 403):
+    code = f"HTTP {r.status_code}" + (f" {r.headers['X-Error-Code']}"
+                                      if r.headers.get("X-Error-Code") in HUB_ERROR_CODES else "")
+    if r.status_code in (401, 403) and repo_id:
         todo = "HF_TOKEN is set but has no access to it" if _token() else "set HF_TOKEN to an access token"
         raise HubError(f"{what}: {code}: {repo_id} is gated or private (or does not exist); "
                        f"request access on its hub page, and {todo}")
     if r.status_code == 404:
-        raise HubError(f"{what}: not found ({code} for {url})")
+        raise HubError(f"{what}: not found ({code})")
     if r.status_code >= 500 or r.status_code == 429:
         raise _Transient(code)
-    raise HubError(f"{what}: {code} for {url}")
+    raise HubError(f"{what}: {code}")
 
 
 def _retry(fn, what, snapshot):
@@ -112,18 +131,19 @@ def _list_repo(repo_id, revision, endpoint, allow, snapshot):
     what = f"{repo_id}@{revision}: listing files"
 
     def get():
-        r = requests.get(url, params={"blobs": "true"}, headers=_headers(), timeout=TIMEOUT)
-        _check(r, what, repo_id, url)
+        r = requests.get(url, params={"blobs": "true"}, headers=_headers(True), timeout=TIMEOUT)
+        _check(r, what, repo_id)
         try:
-            return r.json()["siblings"]
-        except (ValueError, KeyError):
-            raise HubError(f"{what}: {url} did not answer with a hub listing; is {endpoint} a hub?") from None
+            siblings = r.json()["siblings"]
+            return [(s["rfilename"], s.get("size"), s.get("lfs") or {}) for s in siblings]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HubError(f"{what}: the answer is not a hub listing; is {urlsplit(endpoint).hostname} "
+                           f"(HF_ENDPOINT) a hub?") from None
 
     files = {}
-    for s in _retry(get, what, snapshot):
-        if any(fnmatch.fnmatch(s["rfilename"], pattern) for pattern in allow):
-            lfs = s.get("lfs") or {}
-            files[s["rfilename"]] = (lfs.get("size", s.get("size")), lfs.get("sha256"))
+    for name, size, lfs in _retry(get, what, snapshot):
+        if any(fnmatch.fnmatch(name, pattern) for pattern in allow):
+            files[name] = (lfs.get("size", size), lfs.get("sha256"))
     return files
 
 
@@ -137,7 +157,8 @@ def _linked_sha256(r):
 
 
 def _fetch(url, dest, size, sha256, what, repo_id, snapshot):
-    """Download url into dest.incomplete (resuming what is there with a Range request), verify, rename."""
+    """Download url into dest.incomplete (resuming what is there with a Range request), verify, rename.
+    repo_id: the hub repo the file is from (None: a plain URL, fetched without the token)."""
     part = dest.with_name(dest.name + ".incomplete")
     dest.parent.mkdir(parents=True, exist_ok=True)
 
@@ -148,12 +169,12 @@ def _fetch(url, dest, size, sha256, what, repo_id, snapshot):
             if have == size:  # a previous run got every byte but stopped before the rename
                 return
             have = 0
-        headers = _headers() | ({"Range": f"bytes={have}-"} if have else {})
+        headers = _headers(repo_id is not None) | ({"Range": f"bytes={have}-"} if have else {})
         with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
             if r.status_code == 416:  # "range not satisfiable": the partial file is no prefix of this one
                 part.unlink()
                 raise _Transient("HTTP 416; starting over")
-            _check(r, what, repo_id, url)
+            _check(r, what, repo_id)
             if r.status_code != 206:
                 have = 0  # the server sent the whole file, not the range asked for
             sha256 = sha256 or _linked_sha256(r)
@@ -197,7 +218,15 @@ def download(repo_id, filenames=None, *, revision="main", cache_dir=None, endpoi
     if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id):
         raise HubError(f"{repo_id!r} is not a hub repo id of the form 'owner/name'")
     endpoint = (endpoint or ENDPOINT).rstrip("/")
+    if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
+        raise HubError("HF_ENDPOINT is not an http(s):// URL")   # not shown: it may hold user:password@
     snapshot = Path(cache_dir or CACHE_DIR) / "hub" / repo_id.replace("/", "--") / revision.replace("/", "--")
+    if OFFLINE:
+        missing = [n for n in filenames or ["config.json"] if not (snapshot / n).exists()]
+        if missing:
+            raise HubError(f"{repo_id}@{revision}: HF_HUB_OFFLINE is set and {snapshot} has no {missing[0]}; "
+                           f"unset it to download")
+        return snapshot
     if filenames is None:
         try:
             files = _list_repo(repo_id, revision, endpoint, allow, snapshot)
@@ -234,18 +263,30 @@ def fetch_url(url, dest):
     atomic rename as hub files; a file already at dest is kept. Returns dest."""
     dest = Path(dest)
     if not dest.exists():
-        _fetch(url, dest, None, None, url, url, dest)
+        # named by the file and the server alone: a URL's path or query may carry a key
+        _fetch(url, dest, None, None, f"{dest.name} (from {urlsplit(url).hostname})", None, dest)
     return dest
+
+
+def _looks_like_path(source):
+    """Whether source can only be meant as a path ('./ckpt', '../x', '/x', '~/x', 'out/gpt2/last', 'ckpt/'), so
+    that a missing directory is reported at once instead of being looked up on the hub."""
+    return (not isinstance(source, str) or source.startswith(("/", ".", "~")) or source.endswith("/")
+            or source.count("/") > 1 or os.sep != "/" and os.sep in source)
 
 
 def resolve(source, **download_kwargs):
     """A local checkpoint directory as is, else a hub repo id fetched with download(): 'out' or 'owner/name'."""
-    path = Path(source)
+    if source == "":
+        raise HubError("empty source: expected a checkpoint directory or a hub repo id 'owner/name'")
+    path = Path(source).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise HubError(f"{source}: is a file; expected a checkpoint directory or a hub repo id 'owner/name'")
-    if isinstance(source, str) and REPO_ID.fullmatch(source):
+    if _looks_like_path(source):
+        raise HubError(f"{str(source)!r}: no such directory")
+    if REPO_ID.fullmatch(source):
         try:
             return download(source, **download_kwargs)
         except HubError as e:
@@ -283,6 +324,25 @@ def iter_safetensors(directory, device="cpu"):
                     yield key, f.get_tensor(key)
         except SafetensorError as e:
             raise HubError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_tensor(expected, key, shape, where, family, config_name="config.json", shown_key=None):
+    """HubError for a weight the model has no place for, or whose shape contradicts config_name, so that a wrong
+    file fails at its first bad tensor. expected: {key: shape} of the model; family: 'GPT-2', 'Llama 3', ..."""
+    shown = shown_key or key
+    if key not in expected:
+        raise HubError(f"{where}: unexpected key {shown!r} in the weights: not a {family} checkpoint, or a variant "
+                       f"its model file does not implement")
+    if tuple(shape) != tuple(expected[key]):
+        raise HubError(f"{where}: key {shown!r} has shape {tuple(shape)}, {config_name} implies "
+                       f"{tuple(expected[key])}")
+
+
+def check_complete(expected, state, where):
+    """HubError naming the first key of expected ({key: shape}) that the loaded weights (state) lack."""
+    for key in expected:
+        if key not in state:
+            raise HubError(f"{where}: weights lack key {key!r} (expected shape {tuple(expected[key])})")
 
 
 def load_safetensors(directory, device="cpu"):
@@ -391,7 +451,7 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    """The JSON object in path; HubError naming the file when it is missing or not valid JSON."""
+    """The JSON value in path; HubError naming the file when it is missing or not valid JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -399,3 +459,38 @@ def read_json(path):
         raise HubError(f"{path}: not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HubError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- model config files
+
+# what a value in config.json or params.json must be, and how an error says so
+_KINDS = {int: ("an integer >= 1", lambda v: type(v) is int and v >= 1),
+          float: ("a finite number > 0", lambda v: type(v) in (int, float) and 0 < v < math.inf),
+          "rate": ("a number in [0, 1)", lambda v: type(v) in (int, float) and 0 <= v < 1),
+          bool: ("true or false", lambda v: type(v) is bool),
+          "ids": ("a token id or a list of them", lambda v: all(type(i) is int and i >= 0
+                                                                 for i in (v if type(v) is list else [v])))}
+
+
+def check_keys(d, kinds, required=(), prefix=""):
+    """ValueError naming the first key of the JSON object d that is required but absent (or null), or whose value is
+    not of its kind in kinds ({key: int | float | "rate" | bool | "ids"}); prefix: where d is ('rope_scaling.')."""
+    for key in required:
+        if d.get(key) is None:
+            raise ValueError(f"lacks key {prefix + key!r}")
+    for key, kind in kinds.items():
+        if d.get(key) is not None and not _KINDS[kind][1](d[key]):
+            raise ValueError(f"{prefix + key!r} is {d[key]!r:.60}: expected {_KINDS[kind][0]}")
+
+
+def read_config(path, parse):
+    """parse(the JSON object in path), for a model's config.json or params.json: HubError naming the file when it
+    holds no JSON object, or when parse raises ValueError (a key missing or out of range, a config the model
+    rejects). ValueError is the model files' word for a config they cannot build, so it is the file's fault here."""
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise HubError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    try:
+        return parse(d)
+    except ValueError as e:
+        raise HubError(f"{path}: {e}") from None

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import errors
 import hub
 
 
@@ -67,21 +68,31 @@ class Config:
     @classmethod
     def from_hf(cls, d):
         """From an official config.json dict (LlamaConfig), in the hub's spelling (rope_theta + rope_scaling)
-        or transformers 5's (rope_parameters)."""
+        or transformers 5's (rope_parameters); ValueError naming the key it cannot take."""
+        d = {k: v for k, v in d.items() if v is not None}   # null stands for the default, as in transformers
         if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"config.json has model_type {d.get('model_type')!r}, expected 'llama': "
-                             f"these are weights of another family, load them with that family's model file")
+            raise ValueError(f"model_type {d.get('model_type')!r}, expected 'llama': these are weights of "
+                             f"another family, load them with that family's model file")
+        required = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+        hub.check_keys(d, dict.fromkeys(required + ("max_position_embeddings", "num_key_value_heads", "head_dim"), int)
+                       | dict(rms_norm_eps=float, rope_theta=float, attention_dropout="rate", tie_word_embeddings=bool,
+                              bos_token_id="ids", eos_token_id="ids"), required)
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json hidden_act {d['hidden_act']!r} is not Llama's silu (SwiGLU)")
+            raise ValueError(f"hidden_act {d['hidden_act']!r:.60} is not Llama's silu (SwiGLU)")
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag):
-                raise ValueError(f"config.json sets {flag}=true, which llama3.py does not implement")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+                raise ValueError(f"sets {flag}=true, which llama3.py does not implement")
+        key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        rope = d.get(key) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{key} is {rope!r:.60}: expected a JSON object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise ValueError(f"config.json rope type {rope_type!r}: llama3.py implements 'default' and 'llama3'")
+            raise ValueError(f"{key}: rope type {rope_type!r:.60}: llama3.py implements 'default' and 'llama3'")
         max_pos = d.get("max_position_embeddings", 2048)
         scaled = rope_type == "llama3"
+        hub.check_keys(rope, dict(factor=float, low_freq_factor=float, high_freq_factor=float, rope_theta=float,
+                                  original_max_position_embeddings=int), ["factor"] if scaled else [], key + ".")
         return cls(vocab_size=d["vocab_size"], block_size=max_pos, n_layer=d["num_hidden_layers"],
                    n_head=d["num_attention_heads"], n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
                    n_embd=d["hidden_size"], head_dim=d.get("head_dim"), intermediate_size=d["intermediate_size"],
@@ -383,21 +394,21 @@ class Llama(nn.Module):
         directory = Path(hub.resolve(HUB_IDS[source] if preset and not Path(source).is_dir() else source))
         dtype = dtype or torch.float32
         meta_dir = _meta_dir(directory)
-        if meta_dir is not None and not _has_safetensors(directory):
+        if meta_dir is not None and not any((directory / f).exists() for f in ("model.safetensors", hub.INDEX)):
             config, state = _load_meta(meta_dir, directory, dtype, rope_scale_factor)
         else:
-            config = Config.from_hf(hub.read_json(directory / "config.json"))
+            config = hub.read_config(directory / "config.json", Config.from_hf)
             if rope_scale_factor is not None:
                 config.rope_scale_factor = float(rope_scale_factor)
             state, expected = {}, _expected_shapes(config)
             for key, tensor in hub.iter_safetensors(directory):
                 if key == "lm_head.weight" and config.tie_word_embeddings:
                     continue   # some exports write the tied head out as well; it is the embedding
-                _check_key(expected, key, tensor, directory, "config.json")
+                hub.check_tensor(expected, key, tensor.shape, directory, "Llama 3")
                 state[key] = tensor.to(dtype=dtype).contiguous()
+        hub.check_complete(_expected_shapes(config), state, directory)
         with torch.device("meta"):
             model = cls(config)
-        _check_complete(model, state, directory)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -412,10 +423,6 @@ class Llama(nn.Module):
                  if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
         hub.save_safetensors(state, directory)
         hub.write_json(directory / "config.json", self.config.to_hf())
-
-
-def _has_safetensors(directory):
-    return (directory / "model.safetensors").exists() or (directory / hub.INDEX).exists()
 
 
 def _expected_shapes(config):
@@ -435,26 +442,6 @@ def _expected_shapes(config):
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.n_embd)
     return shapes
-
-
-def _check_key(expected, key, tensor, where, config_name, shown_key=None):
-    """One clear line for an unexpected key or a shape that contradicts the config (checked as keys arrive, so
-    a wrong file fails before it is all read). expected: _expected_shapes(config)."""
-    shown = shown_key or key
-    if key not in expected:
-        raise ValueError(f"{where}: unexpected key {shown!r} in the weights: not a Llama checkpoint, or a variant "
-                         f"llama3.py does not implement")
-    if tuple(tensor.shape) != expected[key]:
-        raise ValueError(f"{where}: key {shown!r} has shape {tuple(tensor.shape)}, {config_name} implies "
-                         f"{expected[key]}")
-
-
-def _check_complete(model, state, directory):
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-    for key in expected:
-        if key not in state:
-            raise ValueError(f"{directory}: weights lack key {key!r} (expected shape {tuple(expected[key])})")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -502,20 +489,20 @@ def _meta_dir(directory):
 
 def _config_from_params(params, meta_dir, directory, rope_scale_factor):
     """A Config from params.json, with what params.json does not store taken from elsewhere (see from_pretrained)."""
-    try:
-        dim, n_heads = params["dim"], params["n_heads"]
-        config = Config(vocab_size=params["vocab_size"], n_layer=params["n_layers"], n_head=n_heads,
-                        n_kv_head=params.get("n_kv_heads") or n_heads, n_embd=dim,
-                        intermediate_size=ffn_width(dim, params.get("multiple_of", 256),
-                                                    params.get("ffn_dim_multiplier")),
-                        rms_norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 500000.0),
-                        tie_word_embeddings=False, block_size=8192)
-    except KeyError as e:
-        raise ValueError(f"{meta_dir / 'params.json'}: lacks {e.args[0]!r}") from None
+    params = {k: v for k, v in params.items() if v is not None}   # null stands for the default, as in from_hf
+    required = ("dim", "n_layers", "n_heads", "vocab_size")
+    hub.check_keys(params, dict.fromkeys(required + ("n_kv_heads", "multiple_of"), int) | dict(
+        ffn_dim_multiplier=float, norm_eps=float, rope_theta=float, use_scaled_rope=bool), required)
+    dim, n_heads = params["dim"], params["n_heads"]
+    config = Config(vocab_size=params["vocab_size"], n_layer=params["n_layers"], n_head=n_heads,
+                    n_kv_head=params.get("n_kv_heads", n_heads), n_embd=dim,
+                    intermediate_size=ffn_width(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+                    rms_norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 500000.0),
+                    tie_word_embeddings=False, block_size=8192)
     # a config.json beside the weights (HF's hub repos carry both layouts) knows the factor and the context;
     # failing that, an official size with these dimensions does
     hf_json = next((p / "config.json" for p in (directory, meta_dir.parent) if (p / "config.json").exists()), None)
-    hf = Config.from_hf(hub.read_json(hf_json)) if hf_json else None
+    hf = hub.read_config(hf_json, Config.from_hf) if hf_json else None
 
     def arch(c):
         return c.vocab_size, c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.intermediate_size
@@ -525,10 +512,9 @@ def _config_from_params(params, meta_dir, directory, rope_scale_factor):
     if params.get("use_scaled_rope"):
         factor = rope_scale_factor or (known.rope_scale_factor if known else None)
         if factor is None:
-            raise ValueError(f"{meta_dir / 'params.json'} sets use_scaled_rope, but Meta's format does not store "
-                             f"the RoPE scale factor (8 for Llama 3.1/3.3, 32 for 3.2 1B/3B), no config.json is "
-                             f"beside it and no official size has these dimensions: pass it, e.g. "
-                             f"Llama.from_pretrained(path, rope_scale_factor=32)")
+            raise ValueError("sets use_scaled_rope, but Meta's format does not store the RoPE scale factor (8 for "
+                             "Llama 3.1/3.3, 32 for 3.2 1B/3B), no config.json is beside it and no official size has "
+                             "these dimensions: pass it, e.g. Llama.from_pretrained(path, rope_scale_factor=32)")
         config.rope_scale_factor = float(factor)
         config.block_size = 131072   # Llama 3.1 and later: 128K
         if known:
@@ -549,27 +535,28 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
     convert_llama_weights_to_hf.py does."""
     paths = sorted(meta_dir.glob("consolidated.*.pth"))
     if not (meta_dir / "params.json").exists():
-        raise FileNotFoundError(f"{meta_dir}: Meta checkpoint without params.json (the architecture: dim, "
-                                f"n_layers, n_heads, ...); copy it from the release beside consolidated.00.pth")
+        raise errors.BadInput(f"{meta_dir}: Meta checkpoint without params.json (the architecture: dim, "
+                              f"n_layers, n_heads, ...); copy it from the release beside consolidated.00.pth")
     if not paths:
-        raise FileNotFoundError(f"{meta_dir}: params.json but no consolidated.NN.pth weights")
-    config = _config_from_params(hub.read_json(meta_dir / "params.json"), meta_dir, directory, rope_scale_factor)
+        raise errors.BadInput(f"{meta_dir}: params.json but no consolidated.NN.pth weights")
+    config = hub.read_config(meta_dir / "params.json",
+                             lambda params: _config_from_params(params, meta_dir, directory, rope_scale_factor))
     shards = []
     for p in paths:
         try:
             # weights_only: a pickle may otherwise run code; mmap: shards stay on disk until each tensor is copied
             shards.append(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:
-            raise ValueError(f"{p}: not a readable weights-only torch checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]})") from None
+            raise errors.BadInput(f"{p}: not a readable weights-only torch checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
     # Model-parallel shards split each matrix along the dimension its rank owns: output rows (dim 0) for wq,
     # wk, wv, w1, w3, output and (in Llama 3) tok_embeddings; input columns (dim 1) for wo and w2. Norms are
     # replicated.
     for p, s in zip(paths[1:], shards[1:]):
         if s.keys() != shards[0].keys():
             odd = sorted(s.keys() ^ shards[0].keys())[0]
-            raise ValueError(f"{meta_dir}: {paths[0].name} and {p.name} hold different keys (e.g. {odd!r}); "
-                             f"all model-parallel shards of one checkpoint hold the same keys")
+            raise errors.BadInput(f"{meta_dir}: {paths[0].name} and {p.name} hold different keys (e.g. {odd!r}); "
+                                  f"all model-parallel shards of one checkpoint hold the same keys")
     expected = _expected_shapes(config) | {"lm_head.weight": (config.vocab_size, config.n_embd)}
     state, output = {}, None
     for key in shards[0]:
@@ -577,7 +564,7 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
             continue   # a Llama 2-era buffer of plain RoPE frequencies, recomputed here
         hf_key = meta_key_to_hf(key)
         if hf_key is None:
-            raise ValueError(f"{paths[0]}: unexpected key {key!r}: not a Llama 3 checkpoint in Meta's format")
+            raise errors.BadInput(f"{paths[0]}: unexpected key {key!r}: not a Llama 3 checkpoint in Meta's format")
         parts = [s[key] for s in shards]
         if len(parts) == 1:
             tensor = parts[0]   # still the mapped file: no copy unless a permutation or a dtype needs one
@@ -585,7 +572,7 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
             tensor = parts[0].clone()   # a copy, or this small tensor would keep shard 0's whole map alive
         else:
             tensor = torch.cat(parts, dim=1 if key.endswith(("wo.weight", "w2.weight")) else 0)
-        _check_key(expected, hf_key, tensor, meta_dir, "params.json", shown_key=key)
+        hub.check_tensor(expected, hf_key, tensor.shape, meta_dir, "Llama 3", "params.json", shown_key=key)
         if key.endswith("wq.weight"):
             tensor = meta_to_hf_rows(tensor, config.n_head)
         elif key.endswith("wk.weight"):
@@ -622,7 +609,7 @@ def encode_chat(tok, messages, add_generation_prompt=True):
     names = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     absent = [n for n in names if n not in special]
     if absent:
-        raise ValueError(f"the tokenizer lacks {', '.join(absent)}: not a Llama 3 tokenizer")
+        raise errors.BadInput(f"the tokenizer lacks {', '.join(absent)}: not a Llama 3 tokenizer")
     bos, start, end, eot = (special[n] for n in names)
 
     def header(role):

@@ -13,16 +13,21 @@ Datasets:
   --input      any local text file (split by position) or folder of text files (split by file).
 
 Tokenizers: bytes (256 byte ids + <|endoftext|>), bpe (trained here on the train split, cached by corpus
-and settings), gpt2 (the official encoder.json + vocab.bpe, downloaded once or read from --gpt2_dir), or a
-model directory / hub id (that model's own tokenizer, to fine-tune official weights on new text).
+and settings; a small corpus may give fewer merges than --vocab_size asks, and meta.json records the real
+size), gpt2 (the official encoder.json + vocab.bpe, downloaded once or read from --gpt2_dir), or a model
+directory / hub id (that model's own tokenizer, to fine-tune official weights on new text).
 
 Each document ends with the end-of-text token. Ids are stored as uint16 when the vocabulary fits, else uint32.
 The tokenizer's files are written to data/<name>/tokenizer/, from where train.py copies them into checkpoints.
+data/<name>/ is built whole in a temporary directory beside it and then swapped in, so it never mixes two
+runs (a stale tokenizer beside new shards) and a crash leaves the old dataset or the new one.
+Every flag is checked before any work: bad input is one line `error: ...` naming the flag or file.
 
 Instruction data (--chat_jsonl, one {"messages": [{"role", "content"}, ...]} per line) is tokenized with the
 model's own chat format (--model, its encode_chat) and gets a loss mask beside the tokens: train.mask.bin
 holds 1 for the tokens of the assistant's replies (their text and end-of-turn token), 0 elsewhere, so
-train.py computes the loss on the replies only (targets = -100 elsewhere).
+train.py computes the loss on the replies only (targets = -100 elsewhere). A conversation without an
+assistant turn has nothing to train on: it is reported and skipped.
 """
 import argparse
 import hashlib
@@ -30,12 +35,17 @@ import importlib
 import json
 import os
 import shutil
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 import bpe
+import errors
 import hub
+from errors import BadInput
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 GPT2_URLS = {
@@ -44,6 +54,10 @@ GPT2_URLS = {
 }
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html", ".c", ".h", ".js", ".ts"}
+# the model files this checkout has, of those the project plans: --model names one for its chat format
+MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
+# what a dataset directory holds (and the .tmp files of older versions): anything else there is not replaced
+DATASET_FILES = {"tokenizer", "train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "meta.json"}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -60,7 +74,7 @@ def stdlib_documents(max_mb, val_fraction):
 def folder_documents(folder, max_mb, val_fraction):
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
-        raise SystemExit(f"error: --input {folder}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) found")
+        raise BadInput(f"--input {folder}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) found")
     return _split_files(files, Path(folder), max_mb, val_fraction)
 
 
@@ -87,15 +101,51 @@ def file_documents(path, val_fraction):
 
 def _read_text(path):
     """Read UTF-8 text; undecodable bytes become U+FFFD (stdlib and user folders hold a few latin-1 files)."""
-    return path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:   # one from read() (EIO) names no file, unlike one from open()
+        raise BadInput(f"{path}: {e.strerror or e}") from None
 
 
 def text_of(source):
     return _read_text(source) if isinstance(source, Path) else source
 
 
+def check_fraction(val_fraction):
+    if not 0 < val_fraction < 1:
+        raise BadInput(f"--val_fraction {val_fraction}: expected a fraction between 0 and 1 (exclusive)")
+
+
+def check_splits(train_docs, val_docs, where, max_mb):
+    """Both splits need some text: an empty one would train on nothing or evaluate to nan."""
+    if not train_docs and not val_docs:
+        raise BadInput(f"{where}: not even the first file fits in --max_mb {max_mb}")
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        if not any(len(s) if isinstance(s, str) else s.stat().st_size for _, s in docs):
+            raise BadInput(f"{where}: too little text, the {split} split would be empty ({len(train_docs)} train "
+                           f"and {len(val_docs)} val documents)")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Tokenizers
+
+
+def check_tokenizer(spec, gpt2_dir):
+    """--tokenizer (and --gpt2_dir) before any work: a path that does not exist is not taken for a hub id."""
+    if spec == "gpt2" and gpt2_dir is not None:
+        missing = [n for n in GPT2_URLS if not (Path(gpt2_dir) / n).is_file()]
+        if missing:
+            raise BadInput(f"--gpt2_dir {gpt2_dir}: has no {' and no '.join(missing)} (expected encoder.json and "
+                           f"vocab.bpe)")
+    if spec in ("bytes", "bpe", "gpt2") or Path(spec).is_dir():
+        return
+    if Path(spec).exists():
+        raise BadInput(f"--tokenizer {spec}: is a file; expected a model directory")
+    path_like = "/" in spec or os.sep in spec or spec.startswith((".", "~"))
+    if path_like and (spec.startswith((".", "~", "/")) or not hub.REPO_ID.fullmatch(spec)):
+        raise BadInput(f"--tokenizer {spec}: no such directory")
+    if not path_like:
+        raise BadInput(f"--tokenizer {spec!r}: expected bytes, bpe, gpt2, a model directory or a hub id 'owner/name'")
 
 
 def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
@@ -110,10 +160,11 @@ def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
     elif spec == "gpt2":
         src = Path(gpt2_dir) if gpt2_dir else _fetch_gpt2_files()
         for name in GPT2_URLS:
-            if not (src / name).is_file():
-                raise SystemExit(f"error: --gpt2_dir {src} has no {name} (expected encoder.json and vocab.bpe)")
             shutil.copyfile(src / name, tok_dir / name)
-        tok = bpe.load(tok_dir)
+        try:   # the copy, as it is what train.py will load; but errors name the files the user gave
+            tok = bpe.load(tok_dir)
+        except BadInput as e:
+            raise BadInput(str(e).replace(str(tok_dir), str(src))) from None
     else:
         src = Path(hub.resolve(spec))
         tok = bpe.load(src)
@@ -127,19 +178,28 @@ def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
 
 
 def _trained_bpe(train_docs, vocab_size):
-    """Train BPE on the train split, cached by a hash of the corpus and the settings."""
+    """Train BPE on the train split, cached by a hash of the corpus and the settings. <|endoftext|> follows the
+    last merge, so a corpus with fewer merges than vocab_size asks for gives a smaller vocabulary, not ids
+    without a token."""
     texts = [text_of(source) for _, source in train_docs]
-    h = hashlib.sha256(f"{vocab_size}|gpt2|{EOT}".encode())
+    # "eot-last": older entries put <|endoftext|> at vocab_size - 1 even after fewer merges
+    h = hashlib.sha256(f"{vocab_size}|gpt2|{EOT}|eot-last".encode())
     for (name, _), text in zip(train_docs, texts):
         h.update(name.encode() + b"\0" + text.encode("utf-8", errors="replace"))
     cached = hub.CACHE_DIR / "bpe" / f"{h.hexdigest()[:16]}-{vocab_size}" / bpe.SAVE_NAME
     if cached.is_file():
         print(f"using cached tokenizer {cached}")
-        return bpe.load(cached)
-    print(f"training a {vocab_size}-token BPE on {sum(map(len, texts)) / 2**20:.1f} MB ...")
-    tok = bpe.train(texts, vocab_size, pattern="gpt2", special_tokens={EOT: vocab_size - 1})
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(cached)
+        tok = bpe.load(cached)
+    else:
+        print(f"training a {vocab_size}-token BPE on {sum(map(len, texts)) / 2**20:.1f} MB ...")
+        with warnings.catch_warnings():   # a shortfall is reported below, in the flag's terms, cached or not
+            warnings.simplefilter("ignore")
+            tok = bpe.train(texts, vocab_size, pattern="gpt2", special_tokens=[EOT])
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(cached)
+    if tok.vocab_size < vocab_size:
+        print(f"--vocab_size {vocab_size}: the corpus only gave {len(tok.merge_pairs)} merges, so the vocabulary "
+              f"is {tok.vocab_size} tokens (256 bytes + merges + {EOT})", file=sys.stderr)
     return tok
 
 
@@ -156,11 +216,10 @@ def _fetch_gpt2_files():
 
 
 def write_split(docs, encoding, eot, dtype, path):
-    """Encode documents in bulk (tiktoken speed), each followed by eot; write atomically; return #tokens.
-    (Streamed to a temp file rather than through hub.atomic_write, so the shard never sits whole in memory.)"""
-    tmp = path.with_name(path.name + ".tmp")
+    """Encode documents in bulk (tiktoken speed), each followed by eot; return #tokens. Streamed to the file, so
+    the shard never sits whole in memory (the dataset directory as a whole is what is swapped in atomically)."""
     n = 0
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         for start in range(0, len(docs), 256):
             batch = encoding.encode_ordinary_batch([text_of(source) for _, source in docs[start:start + 256]])
             for ids in batch:
@@ -169,13 +228,106 @@ def write_split(docs, encoding, eot, dtype, path):
                 np.asarray(ids, dtype=dtype).tofile(f)
                 n += len(ids)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        os.fsync(f.fileno())   # on disk before the rename that publishes the directory
     return n
 
 
 # -----------------------------------------------------------------------------------------------------------
+# The dataset directory: checked before any work, built whole beside its place, then swapped in
+
+
+def check_target(out_dir, name):
+    """out_dir/name, checked before any work: a plain name, a writable --out_dir, and nothing there that this
+    run's swap would destroy other than a dataset. Returns the directory to write."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\"):
+        raise BadInput(f"--name {name!r}: expected a plain directory name (not empty, no '/' or '\\', not "
+                       f"starting with '.')")
+    out_dir = Path(out_dir)
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise BadInput(f"--out_dir {out_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"--out_dir {out_dir}: {existing} is not writable")
+    out = out_dir / name
+    if out.is_symlink():   # data/<name> -> a bigger disk: build there, beside the real directory
+        out = out.resolve()
+    if out.exists() and not (out.is_dir() and all(p.name in DATASET_FILES or p.suffix == ".tmp"
+                                                   for p in out.iterdir())):
+        raise BadInput(f"--name {name}: {out} exists and is not a dataset of prepare_data.py; not replacing it")
+    return out
+
+
+@contextmanager
+def building(out):
+    """Yield a temporary directory beside out to build the dataset in, then swap it in: move the old dataset
+    aside, rename the new one in, remove the old. A crash at any point leaves the old dataset or the new one;
+    the next run restores or removes what the dead writer left (named by its pid)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for p in out.parent.glob(".*-*-*"):
+        kind, _, rest = p.name[1:].partition("-")
+        name, _, pid = rest.rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not (out.parent / name).exists():   # it died between the two renames
+            os.rename(p, out.parent / name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    tmp, old = (out.with_name(f".{kind}-{out.name}-{os.getpid()}") for kind in ("tmp", "old"))
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+        hub.fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid):
+    if pid == os.getpid():   # then the writer that left it died, and its pid came round again to us
+        return False
+    if os.name != "posix":   # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        pass
+    return True
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Instruction data: chat-formatted tokens and the mask of the assistant's replies
+
+
+def read_conversations(path):
+    """[(line number, messages)] of a JSONL file, each line checked: {"messages": [{"role", "content"}, ...]}.
+    Conversations without an assistant turn are reported and left out: they hold nothing to train on."""
+    conversations = []
+    for n, line in enumerate(bpe.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        messages = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(messages, list):
+            raise BadInput(f'{path}:{n}: expected a JSON object with a "messages" list')
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise BadInput(f'{path}:{n}: messages[{i}]: expected {{"role": <string>, "content": <string>}}')
+        if any(m["role"] == "assistant" for m in messages):
+            conversations.append((n, messages))
+        else:
+            print(f"{path}:{n}: no assistant turn, nothing to train on: skipped", file=sys.stderr)
+    if len(conversations) < 2:
+        raise BadInput(f"{path}: {len(conversations)} conversations with an assistant turn; need at least 2 "
+                       f"(train and val)")
+    return conversations
 
 
 def chat_example(module, tok, messages, where):
@@ -184,12 +336,10 @@ def chat_example(module, tok, messages, where):
     Each reply's span is found by encoding the dialog up to the reply's generation prompt and through the reply:
     what the second adds to the first is the reply (with its end-of-turn token).
     """
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
     ids = module.encode_chat(tok, messages, add_generation_prompt=False)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
+        if m["role"] != "assistant":
             continue
         before = module.encode_chat(tok, messages[:i], add_generation_prompt=True)
         through = module.encode_chat(tok, messages[:i + 1], add_generation_prompt=False)
@@ -201,83 +351,103 @@ def chat_example(module, tok, messages, where):
 
 def prepare_chat(path, model, tokenizer, name=None, out_dir="data", val_fraction=0.05):
     """Tokenize a JSONL file of conversations for supervised fine-tuning; returns the output directory."""
+    check_fraction(val_fraction)
+    if model not in MODELS:
+        raise BadInput(f"--model {model!r}: expected one of the model files here: {', '.join(MODELS)}")
     module = importlib.import_module(model)
     if not hasattr(module, "encode_chat"):
-        raise SystemExit(f"error: --model {model}: {model}.py has no chat format (encode_chat)")
+        raise BadInput(f"--model {model}: {model}.py has no chat format (encode_chat)")
+    if tokenizer in ("bpe", "bytes", "gpt2"):
+        raise BadInput(f"--tokenizer {tokenizer}: --chat_jsonl needs the model's own tokenizer, with its chat "
+                       f"tokens (a model directory or hub id)")
+    check_tokenizer(tokenizer, None)
     path = Path(path)
-    examples = []
-    for n, line in enumerate(bpe.read_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                examples.append(json.loads(line)["messages"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SystemExit(f"error: {path}:{n}: not a JSON object with a \"messages\" list ({e})")
-    if len(examples) < 2:
-        raise SystemExit(f"error: {path}: {len(examples)} conversations; need at least 2 (train and val)")
-    out = Path(out_dir) / (name or path.stem)
-    out.mkdir(parents=True, exist_ok=True)
-    tok, eot = get_tokenizer(tokenizer, [], 0, None, out / "tokenizer")
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    n_val = max(1, int(len(examples) * val_fraction))
-    counts = {}
-    for split, part, first in (("train", examples[:-n_val], 1), ("val", examples[-n_val:], len(examples) - n_val + 1)):
-        pairs = [chat_example(module, tok, m, f"{path}:{first + i}") for i, m in enumerate(part)]
-        ids = np.asarray([t for p, _ in pairs for t in p], dtype=dtype)
-        hub.atomic_write(out / f"{split}.bin", ids.tobytes())
-        hub.atomic_write(out / f"{split}.mask.bin", np.asarray([b for _, m in pairs for b in m], dtype=np.uint8).tobytes())
-        counts[split] = len(ids)
-    meta = {"dataset": str(path), "tokenizer": tokenizer, "chat_model": model, "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name, "eot_id": eot, "loss_mask": True, "train_tokens": counts["train"],
-            "val_tokens": counts["val"], "train_docs": len(examples) - n_val, "val_docs": n_val}
-    hub.write_json(out / "meta.json", meta)
-    print(f"wrote {out}: {counts['train']:,} train and {counts['val']:,} val tokens of {len(examples)} conversations")
+    if not path.is_file():
+        raise BadInput(f"--chat_jsonl {path}: {'is a directory' if path.is_dir() else 'no such file'}; expected "
+                       f"a JSONL file")
+    out = check_target(out_dir, name or path.stem)
+    conversations = read_conversations(path)
+    with building(out) as tmp:
+        tok, eot = get_tokenizer(tokenizer, [], 0, None, tmp / "tokenizer")
+        try:   # does the tokenizer have the model's chat tokens? (encode_chat names those it lacks)
+            module.encode_chat(tok, [], add_generation_prompt=True)
+        except (ValueError, BadInput) as e:
+            raise BadInput(f"--tokenizer {tokenizer}: {e} (for --model {model})") from None
+        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        n_val = max(1, int(len(conversations) * val_fraction))
+        counts = {}
+        for split, part in (("train", conversations[:-n_val]), ("val", conversations[-n_val:])):
+            pairs = [chat_example(module, tok, m, f"{path}:{n}") for n, m in part]
+            ids = np.asarray([t for p, _ in pairs for t in p], dtype=dtype)
+            mask = np.asarray([b for _, m in pairs for b in m], dtype=np.uint8)
+            if not mask.any():
+                raise BadInput(f"{path}: the {split} split has no assistant token to train on "
+                               f"({model}.encode_chat marks no reply)")
+            hub.atomic_write(tmp / f"{split}.bin", ids.tobytes())
+            hub.atomic_write(tmp / f"{split}.mask.bin", mask.tobytes())
+            counts[split] = len(ids)
+        meta = {"dataset": str(path), "tokenizer": tokenizer, "chat_model": model, "vocab_size": tok.vocab_size,
+                "dtype": np.dtype(dtype).name, "eot_id": eot, "loss_mask": True, "train_tokens": counts["train"],
+                "val_tokens": counts["val"], "train_docs": len(conversations) - n_val, "val_docs": n_val}
+        hub.write_json(tmp / "meta.json", meta)
+    print(f"wrote {out}: {counts['train']:,} train and {counts['val']:,} val tokens of {len(conversations)} "
+          f"conversations")
     return out
 
 
 def prepare(dataset="stdlib", input=None, name=None, tokenizer="bpe", vocab_size=4096, out_dir="data",
             max_mb=8.0, val_fraction=0.05, gpt2_dir=None):
     """Prepare one dataset; returns the output directory. Used by the CLI below and by train.py."""
+    check_fraction(val_fraction)
+    if not max_mb > 0:
+        raise BadInput(f"--max_mb {max_mb}: expected a size in MB > 0")
+    if tokenizer == "bpe" and not (isinstance(vocab_size, int) and vocab_size >= 257):
+        raise BadInput(f"--vocab_size {vocab_size}: a byte-level BPE needs at least 256 + 1 (end-of-text)")
+    check_tokenizer(tokenizer, gpt2_dir)
     if input is not None:
         src = Path(input)
         if not src.exists():
-            raise SystemExit(f"error: --input {src} does not exist")
+            raise BadInput(f"--input {src}: no such file or directory")
+    elif dataset not in ("stdlib", "shakespeare"):
+        raise BadInput(f"--dataset {dataset!r}: expected 'stdlib' or 'shakespeare' (or give --input)")
+    out = check_target(out_dir, name or (src.resolve().stem if input is not None else dataset))
+    if input is not None:
         train_docs, val_docs = (folder_documents(src, max_mb, val_fraction) if src.is_dir()
                                 else file_documents(src, val_fraction))
-        name = name or src.stem
     elif dataset == "stdlib":
         train_docs, val_docs = stdlib_documents(max_mb, val_fraction)
-    elif dataset == "shakespeare":
+    else:
         cached = hub.CACHE_DIR / "datasets" / "tinyshakespeare.txt"
         if not cached.is_file():
             hub.fetch_url(SHAKESPEARE_URL, cached)
-        train_docs, val_docs = file_documents(cached, val_fraction=0.1)
-    else:
-        raise SystemExit(f"error: --dataset {dataset!r}: expected 'stdlib' or 'shakespeare' (or give --input)")
-    out = Path(out_dir) / (name or dataset)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "bpe" and vocab_size < 257:
-        raise SystemExit(f"error: --vocab_size {vocab_size}: a byte-level BPE needs at least 256 + 1 (end-of-text)")
-    tok, eot = get_tokenizer(tokenizer, train_docs, vocab_size, gpt2_dir, out / "tokenizer")
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    encoding = tok.to_tiktoken()
-    n_train = write_split(train_docs, encoding, eot, dtype, out / "train.bin")
-    n_val = write_split(val_docs, encoding, eot, dtype, out / "val.bin")
-    meta = {"dataset": input and str(input) or dataset, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name, "eot_id": eot, "train_tokens": n_train, "val_tokens": n_val,
-            "train_docs": len(train_docs), "val_docs": len(val_docs)}
-    hub.write_json(out / "meta.json", meta)
+        train_docs, val_docs = file_documents(cached, val_fraction)
+    check_splits(train_docs, val_docs, f"--input {input}" if input is not None else f"--dataset {dataset}", max_mb)
+    with building(out) as tmp:
+        tok, eot = get_tokenizer(tokenizer, train_docs, vocab_size, gpt2_dir, tmp / "tokenizer")
+        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        try:
+            encoding = tok.to_tiktoken()
+        except ValueError as e:   # a tokenizer tiktoken cannot run: several regexes in turn, merges out of order
+            raise BadInput(f"--tokenizer {tokenizer}: {e}") from None
+        n_train = write_split(train_docs, encoding, eot, dtype, tmp / "train.bin")
+        n_val = write_split(val_docs, encoding, eot, dtype, tmp / "val.bin")
+        meta = {"dataset": input and str(input) or dataset, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
+                "dtype": np.dtype(dtype).name, "eot_id": eot, "train_tokens": n_train, "val_tokens": n_val,
+                "train_docs": len(train_docs), "val_docs": len(val_docs)}
+        hub.write_json(tmp / "meta.json", meta)
     print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({meta['dtype']}, vocab {tok.vocab_size})")
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = errors.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="stdlib", help="stdlib | shakespeare (ignored with --input)")
     p.add_argument("--input", default=None, help="a local text file or folder of text files")
     p.add_argument("--chat_jsonl", default=None, help="instruction data: JSONL of {\"messages\": [...]} "
                    "(needs --model and --tokenizer <model dir or hub id>)")
-    p.add_argument("--model", default=None, help="model file whose chat format --chat_jsonl uses (e.g. llama3)")
+    p.add_argument("--model", default=None,
+                   help=f"model file whose chat format --chat_jsonl uses: {' | '.join(MODELS)}")
     p.add_argument("--name", default=None, help="output name under --out_dir (default: dataset or input name)")
     p.add_argument("--tokenizer", default="bpe", help="bytes | bpe | gpt2 | a model directory or hub id")
     p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size for --tokenizer bpe")
@@ -286,17 +456,25 @@ def main(argv=None):
     p.add_argument("--max_mb", type=float, default=8.0, help="size cap for folder datasets, in MB of text")
     p.add_argument("--val_fraction", type=float, default=0.05)
     a = p.parse_args(argv)
-    try:
-        if a.chat_jsonl:
-            if not a.model or a.tokenizer in ("bpe", "bytes", "gpt2"):
-                raise SystemExit("error: --chat_jsonl needs --model (e.g. llama3) and --tokenizer <model dir or hub id>")
-            prepare_chat(a.chat_jsonl, a.model, a.tokenizer, a.name, a.out_dir, a.val_fraction)
-            return
+    for flag, value in vars(a).items():
+        if isinstance(value, str) and not value.strip():
+            raise BadInput(f"--{flag} is empty")
+    for flag in ("input", "chat_jsonl", "tokenizer", "gpt2_dir", "out_dir"):   # "--flag=~/x" comes unexpanded
+        setattr(a, flag, getattr(a, flag) and os.path.expanduser(getattr(a, flag)))
+    if a.gpt2_dir is not None and a.tokenizer != "gpt2":
+        raise BadInput(f"--gpt2_dir is for --tokenizer gpt2, not {a.tokenizer}")
+    if a.chat_jsonl is None:
+        if a.model is not None:
+            raise BadInput("--model is for --chat_jsonl (the chat format of instruction data)")
         prepare(a.dataset, a.input, a.name, a.tokenizer, a.vocab_size, a.out_dir, a.max_mb, a.val_fraction,
                 a.gpt2_dir)
-    except (hub.HubError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    elif a.input is not None:
+        raise BadInput("--chat_jsonl and --input: give one of them")
+    elif a.model is None:
+        raise BadInput(f"--chat_jsonl needs --model ({' | '.join(MODELS)}) and --tokenizer <model dir or hub id>")
+    else:
+        prepare_chat(a.chat_jsonl, a.model, a.tokenizer, a.name, a.out_dir, a.val_fraction)
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -8,20 +8,26 @@ Tokens are streamed as they come; generation stops at the model's end-of-sequenc
 each new token cost one position of compute; --no_cache recomputes the whole sequence every step (the
 baseline the cache is measured against). A prompt longer than the context keeps only its last tokens (a
 warning says how many were dropped), so that the prompt plus --max_new_tokens fits in the context.
+Only ids the tokenizer can decode are sampled: a model's vocab_size may exceed its tokenizer's.
 """
 import argparse
 import importlib
+import inspect
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 import bpe
+import errors
 import hub
 
 # config.json "model_type" -> model file
 FAMILIES = {"gpt2": "gpt2", "llama": "llama3", "qwen2": "qwen", "qwen3": "qwen", "qwen3_moe": "qwen",
             "deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}
+# the model files this checkout has (the others are planned): --model takes these, config.json their model_types
+MODEL_FILES = sorted({m for m in FAMILIES.values() if (Path(__file__).parent / f"{m}.py").is_file()})
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -43,24 +49,38 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from logits (B, V): greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, allowed=None):
+    """Pick the next token from logits (B, V): greedy at temperature 0, else top-k / nucleus (top-p) sampling.
+    allowed: bool (V,), the only ids that may be picked (see sampleable); None: every id."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sampleable(tok, vocab_size, eos_ids=()):
+    """Bool (vocab_size,) of the ids sampling may pick: those the tokenizer can decode, and the stop tokens; None
+    when that is every id. A model's vocab may be larger than its tokenizer's (embeddings padded to a round size,
+    a BPE that learned fewer merges than asked for), and an id without text would end the stream with an error."""
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    allowed[[i for i in (*tok.vocab, *eos_ids) if i < vocab_size]] = True
+    return None if bool(allowed.all()) else allowed
+
+
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_ids=(),
-             generator=None, use_cache=True):
+             generator=None, use_cache=True, allowed=None):
     """Yield next tokens (B,) one step at a time for prompt idx (B, T); stops early once every row hit an eos.
 
     With the cache the prompt is fed once (prefill), then one token per step at its absolute position.
+    allowed: the only ids that may be sampled (bool (V,), see sampleable); None: every id.
     """
     B, T = idx.shape
     eos = torch.tensor(sorted(eos_ids), device=idx.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    allowed = allowed.to(idx.device) if allowed is not None else None
     if use_cache:
         cache = model.init_cache(B, T + max_new_tokens, device=idx.device)
         logits, _ = model(idx, cache=cache, pos=0)
@@ -68,7 +88,11 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
         seq = idx
         logits, _ = model(seq)
     for i in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)   # (B,)
+        if not bool(torch.isfinite(logits[:, -1]).all()):
+            # else multinomial fails with a cryptic message (a device-side assert on CUDA), and argmax picks junk
+            raise errors.BadInput("the model's logits are NaN or infinite: its weights hold NaN or inf (a diverged "
+                                  "or damaged checkpoint), or float16 overflows (try --dtype float32)")
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator, allowed)   # (B,)
         yield nxt
         done |= torch.isin(nxt, eos)
         if bool(done.all()) or i == max_new_tokens - 1:
@@ -85,32 +109,57 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 
 
 def resolve_source(source, family=None):
-    """A checkpoint directory, hub id or preset -> (model module, local directory)."""
-    if not Path(source).is_dir() and family is None:
-        for name in set(FAMILIES.values()):
-            try:
-                module = importlib.import_module(name)
-            except ModuleNotFoundError:
-                continue
+    """A checkpoint directory, hub id or preset -> (model module, local directory). family: a model file name
+    (--model), for a checkpoint whose config.json does not name its model_type (Meta's original format)."""
+    if family is not None and family not in MODEL_FILES:
+        raise errors.BadInput(f"--model {family!r}: expected one of {', '.join(MODEL_FILES)} (the model files here)")
+    if not Path(source).is_dir():
+        for name in [family] if family else MODEL_FILES:
+            module = importlib.import_module(name)
             if source in module.PRESETS:
                 return module, hub.resolve(module.HUB_IDS[source])
     directory = hub.resolve(source)
     if family is None:
-        model_type = hub.read_json(Path(directory) / "config.json").get("model_type")
-        if model_type not in FAMILIES:
-            raise ValueError(f"{directory}/config.json: model_type {model_type!r} is not one of "
-                             f"{sorted(FAMILIES)}")
-        family = FAMILIES[model_type]
+        family = FAMILIES[_model_type(Path(directory) / "config.json")]
     return importlib.import_module(family), directory
 
 
-def load(source, *, family=None, device="cpu", dtype=None, **load_kwargs):
+def _model_type(path):
+    """config.json's model_type, when a model file here implements it; else BadInput naming the file and the key."""
+    supported = sorted(t for t, m in FAMILIES.items() if m in MODEL_FILES)
+    hint = f"pass --model {' or '.join(MODEL_FILES)}"
+    if not path.is_file():
+        raise errors.BadInput(f"{path}: not found (it names the model_type); for a checkpoint without one, such as "
+                              f"Meta's original format, {hint}")
+    config = hub.read_json(path)
+    if not isinstance(config, dict):
+        raise errors.BadInput(f"{path}: expected a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise errors.BadInput(f"{path}: lacks key 'model_type' (one of {', '.join(supported)}), or {hint}")
+    if model_type not in supported:
+        planned = (f", which needs {FAMILIES[model_type]}.py (not in this checkout yet)"
+                   if isinstance(model_type, str) and model_type in FAMILIES else "")
+        raise errors.BadInput(f"{path}: model_type {model_type!r:.60}{planned}; the model files here implement "
+                              f"{', '.join(supported)}")
+    return model_type
+
+
+def load(source, *, family=None, device="cpu", dtype=None, chat=False, **load_kwargs):
     """-> (module, model, tokenizer) for a checkpoint directory, hub id or preset; load_kwargs go to the
-    model file's from_pretrained (e.g. rope_scale_factor for a Meta-format Llama)."""
+    model file's from_pretrained (e.g. rope_scale_factor for a Meta-format Llama). The cheap checks come before the
+    weights: chat=True refuses a model file without a chat format, and the tokenizer is loaded first."""
     module, directory = resolve_source(source, family)
+    if chat and not hasattr(module, "encode_chat"):
+        raise errors.BadInput(f"--chat: {module.__name__}.py has no chat format (encode_chat); chat with an "
+                              f"instruct checkpoint of a family that has one")
+    unknown = sorted(load_kwargs.keys() - inspect.signature(module.Model.from_pretrained).parameters.keys())
+    if unknown:
+        raise errors.BadInput(f"--{unknown[0]} does not apply to {module.__name__}.py checkpoints")
+    tok = bpe.load(directory)
     model = module.Model.from_pretrained(str(directory), dtype=dtype, device=device, **load_kwargs)
     model.eval()
-    return module, model, bpe.load(directory)
+    return module, model, tok
 
 
 def eos_ids_of(model, tok):
@@ -131,7 +180,7 @@ def fit_prompt(ids, max_new_tokens, context):
 
 
 def stream(model, tok, ids, args, generator, out=None):
-    """Generate from ids, printing text as it comes; returns the new token ids."""
+    """Generate from ids, printing text as it comes; returns the new token ids, without the stop token."""
     out = out or sys.stdout
     ids, max_new = fit_prompt(ids, args.max_new_tokens, model.config.block_size)
     device = next(model.parameters()).device
@@ -140,11 +189,11 @@ def stream(model, tok, ids, args, generator, out=None):
     new = []
     for t in generate(model, torch.tensor([ids], device=device), max_new, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, eos_ids=eos, generator=generator,
-                      use_cache=not args.no_cache):
+                      use_cache=not args.no_cache, allowed=sampleable(tok, model.config.vocab_size, eos)):
         t = int(t[0])
-        new.append(t)
         if t in eos:
             break
+        new.append(t)
         out.write(decoder.step(t))
         out.flush()
     out.write(decoder.flush())
@@ -154,8 +203,6 @@ def stream(model, tok, ids, args, generator, out=None):
 
 def chat(module, model, tok, args, generator):
     """Interactive multi-turn chat with an instruct checkpoint; history is trimmed to fit the context."""
-    if not hasattr(module, "encode_chat"):
-        raise ValueError(f"{module.__name__}.py has no chat format (encode_chat)")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -175,12 +222,13 @@ def chat(module, model, tok, args, generator):
         messages.append({"role": "assistant", "content": tok.decode(reply).strip()})
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    p = errors.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="checkpoint directory, hub id (owner/name) or preset (e.g. gpt2-medium)")
-    p.add_argument("--model", default=None, help="model file to use (default: from config.json's model_type)")
-    p.add_argument("--prompt", default="", help="prompt text (empty: start from the end-of-text token)")
-    p.add_argument("--prompt_file", default=None, help="read the prompt from this file")
+    p.add_argument("--model", default=None, help=f"model file to use: {', '.join(MODEL_FILES)} (default: from "
+                   f"config.json's model_type)")
+    p.add_argument("--prompt", default=None, help="prompt text (none: start from the end-of-text token)")
+    p.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file")
     p.add_argument("--chat", action="store_true", help="interactive chat (instruct checkpoints)")
     p.add_argument("--system", default=None, help="system prompt for --chat")
     p.add_argument("--num_samples", type=int, default=1)
@@ -189,43 +237,90 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=200, help="0: off")
     p.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--no_cache", action="store_true", help="recompute the full sequence each step")
     p.add_argument("--rope_scale_factor", type=float, default=None,
                    help="Llama 3.1+ RoPE scale factor for Meta-format checkpoints of unofficial sizes")
     args = p.parse_args(argv)
+    validate(args)
     args.top_k = args.top_k or None
+    return args
 
+
+def validate(args):
+    """Every flag checked in one place, before anything loads: BadInput names the flag and what it expects."""
+    for name, ok, expected in (
+            ("temperature", 0 <= args.temperature < math.inf, "a finite number >= 0 (0: greedy)"),
+            ("top_p", 0 < args.top_p <= 1, "a number in (0, 1] (1: off)"),
+            ("top_k", args.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("max_new_tokens", args.max_new_tokens >= 0, "an integer >= 0"),
+            ("num_samples", args.num_samples >= 1, "an integer >= 1"),
+            ("seed", 0 <= args.seed < 2**64, "an integer in [0, 2**64)"),
+            ("rope_scale_factor", args.rope_scale_factor is None or 0 < args.rope_scale_factor < math.inf,
+             "a finite number > 0")):
+        if not ok:
+            raise errors.BadInput(f"--{name} {getattr(args, name)}: expected {expected}")
+    if not args.source:
+        raise errors.BadInput("the source is empty: expected a checkpoint directory, hub id or preset")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise errors.BadInput("--prompt and --prompt_file both given: pass one of them")
+    if args.chat and (args.prompt is not None or args.prompt_file is not None):
+        raise errors.BadInput(f"--{'prompt' if args.prompt is not None else 'prompt_file'} with --chat: the chat "
+                              f"reads each turn from the terminal")
+    if args.system is not None and not args.chat:
+        raise errors.BadInput("--system is the system prompt of --chat: add --chat, or put it in --prompt")
+
+
+def read_prompt(args):
+    """The prompt text of --prompt or --prompt_file ('' for none), read before the model loads."""
+    if args.prompt_file is None:
+        text, flag = args.prompt or "", "--prompt"
+    else:
+        flag = f"--prompt_file {args.prompt_file}"
+        try:
+            text = Path(args.prompt_file).read_bytes().decode("utf-8")
+        except OSError as e:
+            raise errors.BadInput(f"{flag}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise errors.BadInput(f"{flag}: not UTF-8 text (at byte {e.start})") from None
+    try:
+        text.encode("utf-8")   # argv bytes that are no UTF-8 arrive as lone surrogates, which nothing can encode
+    except UnicodeEncodeError:
+        raise errors.BadInput(f"{flag}: not valid UTF-8 text (is the terminal's encoding UTF-8?)") from None
+    return text
+
+
+def main(argv=None):
     from train import pick_device, pick_dtype
+    args = parse_args(argv)
+    text = read_prompt(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    try:
-        extra = {"rope_scale_factor": args.rope_scale_factor} if args.rope_scale_factor else {}
-        module, model, tok = load(args.source, family=args.model, device=device, dtype=dtype, **extra)
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        if args.chat:
-            return chat(module, model, tok, args, generator)
-        text = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
-        ids = tok.encode(text, allowed_special="all") if text else []
-        if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
-            ids = [tok.bos_id] + ids
-        if not ids:
-            start = tok.bos_id if tok.bos_id is not None else next(iter(sorted(eos_ids_of(model, tok))), None)
-            if start is None:
-                raise ValueError("the prompt is empty and the tokenizer has no BOS or end-of-text token to start from")
-            ids = [start]
-        if max(ids) >= model.config.vocab_size:
-            raise ValueError(f"prompt token id {max(ids)} is beyond the model's vocab_size {model.config.vocab_size}")
-        for i in range(args.num_samples):
-            if i:
-                print("\n---------------")
-            sys.stdout.write(text)
-            stream(model, tok, ids, args, generator)
-        print()
-    except (hub.HubError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    extra = {"rope_scale_factor": args.rope_scale_factor} if args.rope_scale_factor is not None else {}
+    module, model, tok = load(args.source, family=args.model, device=device, dtype=dtype, chat=args.chat, **extra)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.chat:
+        return chat(module, model, tok, args, generator)
+    ids = tok.encode(text, allowed_special="all") if text else []
+    if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+        ids = [tok.bos_id] + ids
+    if not ids:
+        start = tok.bos_id if tok.bos_id is not None else next(iter(sorted(eos_ids_of(model, tok))), None)
+        if start is None:
+            raise errors.BadInput("the prompt is empty and the tokenizer has no BOS or end-of-text token to start "
+                                  "from: pass --prompt")
+        ids = [start]
+    if max(ids) >= model.config.vocab_size:
+        raise errors.BadInput(f"prompt token id {max(ids)} is beyond the model's vocab_size "
+                              f"{model.config.vocab_size}: the tokenizer beside the weights is not the model's")
+    for i in range(args.num_samples):
+        if i:
+            print("\n---------------")
+        sys.stdout.write(text)
+        stream(model, tok, ids, args, generator)
+    print()
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

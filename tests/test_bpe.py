@@ -16,6 +16,7 @@ import pytest
 from tokenizers import Regex, pre_tokenizers
 
 import bpe
+from errors import BadInput
 
 CORPUS_DIR = Path(__file__).parent / "data" / "bpe_corpus"
 
@@ -247,6 +248,13 @@ def test_too_little_text_warns_and_stops():
     assert tok.vocab_size == 258
 
 
+def test_special_token_ids_follow_the_last_merge_when_the_text_runs_short():
+    with pytest.warns(UserWarning, match="only enough pairs for 2 of 8"):   # ab, then (ab)c
+        tok = bpe.train("abc", 266, pattern=None, special_tokens={"<|endoftext|>": 265, "<|pad|>": 264})
+    assert tok.special_tokens == {"<|endoftext|>": 259, "<|pad|>": 258} and tok.vocab_size == 260
+    assert sorted(tok.vocab) == list(range(260))   # no id without a token
+
+
 def test_bad_text_type():
     with pytest.raises(TypeError, match="iterable of str"):
         bpe.train([b"bytes"], 300)
@@ -375,13 +383,17 @@ def test_save_is_atomic_and_readable(trained, tmp_path):
     (lambda s: s.replace("pattern ", "patern "), "line 2: expected 'pattern"),
     (lambda s: s.replace("\n97 ", "\n97x ", 1), r"line \d+: expected two ids"),
     (lambda s: s.replace("merges ", "merge "), "expected 'merges <count>'"),
+    (lambda s: s.replace("merges 9", "merges x9"), "expected 'merges <count>'"),
+    (lambda s: s.split("\n")[0], "line 2: expected 'pattern"),
+    (lambda s: s.replace(s.split("\n")[1], 'pattern "(unclosed"'), r"line 2: pattern '\(unclosed' does not compile"),
+    (lambda s: s.replace('"<|endoftext|>"', "7"), "special token 7 has id"),
 ])
 def test_corrupted_own_file(trained, tmp_path, corrupt, message):
     trained.save(tmp_path / "t.bpe")
     text = (tmp_path / "t.bpe").read_text()
     assert "\n97 " in text
     (tmp_path / "t.bpe").write_text(corrupt(text))
-    with pytest.raises(ValueError, match=f"t.bpe.*{message}"):
+    with pytest.raises(BadInput, match=f"t.bpe.*{message}"):
         bpe.load(tmp_path / "t.bpe")
 
 
@@ -389,14 +401,17 @@ def test_read_text_names_file_and_offset(tmp_path):
     (tmp_path / "ok.txt").write_bytes("héllo".encode())
     assert bpe.read_text(tmp_path / "ok.txt") == "héllo"
     (tmp_path / "bad.txt").write_bytes(b"abc\xffdef")
-    with pytest.raises(ValueError, match="bad.txt: not valid UTF-8 at byte offset 3"):
+    with pytest.raises(BadInput, match="bad.txt: not valid UTF-8 at byte offset 3"):
         bpe.read_text(tmp_path / "bad.txt")
+    (tmp_path / "bad.bpe").write_bytes(b'bpe v1\npattern "\xff"\n')
+    with pytest.raises(BadInput, match="bad.bpe: not valid UTF-8 at byte offset 16"):
+        bpe.load(tmp_path / "bad.bpe")
 
 
 def test_missing_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such tokenizer"):
+    with pytest.raises(BadInput, match="no such tokenizer"):
         bpe.load(tmp_path / "nope.bpe")
-    with pytest.raises(FileNotFoundError, match="no tokenizer found"):
+    with pytest.raises(BadInput, match="no tokenizer found"):
         bpe.load(tmp_path)
 
 

@@ -20,6 +20,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 import bpe
+from errors import BadInput
 
 CORPUS_DIR = Path(__file__).parent / "data" / "bpe_corpus"
 R50K = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""   # tiktoken's gpt2
@@ -120,23 +121,23 @@ def test_gpt2_truncated_or_corrupted_files(gpt2_dir, tmp_path):
     shutil.copy(gpt2_dir / "encoder.json", tmp_path / "encoder.json")
     lines = (gpt2_dir / "vocab.bpe").read_text(encoding="utf-8").split("\n")
     (tmp_path / "vocab.bpe").write_text("\n".join(lines[:-300]) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"encoder.json: token .* is neither .* truncated merges file"):
+    with pytest.raises(BadInput, match=r"encoder.json: token .* is neither .* truncated merges file"):
         bpe.load(tmp_path)
     bad = lines[:10] + ["Ġ t h"] + lines[11:]
     (tmp_path / "vocab.bpe").write_text("\n".join(bad), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"vocab.bpe, line 11: expected a merge"):
+    with pytest.raises(BadInput, match=r"vocab.bpe, line 11: expected a merge"):
         bpe.load(tmp_path)
     bad = lines[:10] + ["Ġ zzzzq"] + lines[11:]
     (tmp_path / "vocab.bpe").write_text("\n".join(bad), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"vocab.bpe, line 11: merge 'Ġ' 'zzzzq' uses 'zzzzq'"):
+    with pytest.raises(BadInput, match=r"vocab.bpe, line 11: merge 'Ġ' 'zzzzq' uses 'zzzzq'"):
         bpe.load(tmp_path)
     (tmp_path / "vocab.bpe").write_text("\n".join(lines), encoding="utf-8")
     data = (gpt2_dir / "encoder.json").read_bytes()
     (tmp_path / "encoder.json").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match=r"encoder.json: not valid JSON at line 1 column \d+.*truncated"):
+    with pytest.raises(BadInput, match=r"encoder.json: not valid JSON at line 1 column \d+.*truncated"):
         bpe.load(tmp_path)
     (tmp_path / "encoder.json").unlink()
-    with pytest.raises(FileNotFoundError, match="has vocab.bpe but not encoder.json"):
+    with pytest.raises(BadInput, match="has vocab.bpe but not encoder.json"):
         bpe.load(tmp_path)
 
 
@@ -172,13 +173,13 @@ def test_llama3_ranks_file_matches_tiktoken(gpt2_tiktoken, tmp_path):
 def test_bad_ranks_files(tmp_path):
     lines = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
     (tmp_path / "a.model").write_bytes(b"\n".join(lines[:100] + [b"QUJD"] + lines[100:]))
-    with pytest.raises(ValueError, match=r"a.model, line 101: expected 'base64-token rank'"):
+    with pytest.raises(BadInput, match=r"a.model, line 101: expected 'base64-token rank'"):
         bpe.load(tmp_path / "a.model")
     (tmp_path / "b.model").write_bytes(b"\n".join(lines[:100] + lines[101:]))
-    with pytest.raises(ValueError, match=r"b.model: ranks are not 0..254 without gaps"):
+    with pytest.raises(BadInput, match=r"b.model: ranks are not 0..254 without gaps"):
         bpe.load(tmp_path / "b.model")
     (tmp_path / "c.model").write_bytes(b"\n\x08\x00\x12\x04<unk>\x15\x00\x00\x00\x00")   # SentencePiece-like
-    with pytest.raises(ValueError, match="c.model: a binary file.*SentencePiece"):
+    with pytest.raises(BadInput, match="c.model: a binary file.*SentencePiece"):
         bpe.load(tmp_path / "c.model")
 
 
@@ -289,14 +290,21 @@ def test_unsupported_or_broken_tokenizer_json(tmp_path):
         (dict(spec, pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True}), "add_prefix_space"),
         (dict(spec, model=dict(spec["model"], merges=spec["model"]["merges"][:5] + [["Ġ", "q", "x"]])),
          r"model.merges\[5\]"),
+        (dict(spec, model=dict(spec["model"], vocab=["a", "b"])), "the vocabulary must be a JSON object"),
+        (dict(spec, pre_tokenizer={"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(x"}, "behavior": "Isolated"}, {"type": "ByteLevel"}]}),
+         r"pattern \('\(x'.* does not compile"),
     ]
     for broken, message in cases:
         (tmp_path / "tokenizer.json").write_text(json.dumps(broken))
-        with pytest.raises(ValueError, match=f"tokenizer.json: .*{message}"):
+        with pytest.raises(BadInput, match=f"tokenizer.json: .*{message}"):
             bpe.load(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer.json").write_text("[]")   # in a model directory: not told apart by its first byte
+    with pytest.raises(BadInput, match="tokenizer.json: key 'model' must be a BPE model"):
+        bpe.load(tmp_path)
     text = hf.to_str()
     (tmp_path / "tokenizer.json").write_text(text[:len(text) // 3])
-    with pytest.raises(ValueError, match="tokenizer.json: not valid JSON at line .*truncated or corrupted"):
+    with pytest.raises(BadInput, match="tokenizer.json: not valid JSON at line .*truncated or corrupted"):
         bpe.load(tmp_path)
 
 

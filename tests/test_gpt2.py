@@ -1,10 +1,12 @@
 """gpt2.py against transformers' GPT2LMHeadModel on tiny random checkpoints in the official layout."""
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import errors
 import gpt2
 
 transformers = pytest.importorskip("transformers")
@@ -150,24 +152,50 @@ def _rewrite(d, edit):
 
 def test_missing_key(tmp_path, hf_model):
     d = _rewrite(write_official(hf_model, tmp_path / "c"), lambda sd: sd.pop("h.1.mlp.c_fc.bias"))
-    with pytest.raises(ValueError, match=r"lack key 'h.1.mlp.c_fc.bias'"):
+    with pytest.raises(errors.BadInput, match=r"lack key 'h.1.mlp.c_fc.bias'"):
         gpt2.GPT.from_pretrained(str(d))
 
 
 def test_unexpected_key(tmp_path, hf_model):
     d = _rewrite(write_official(hf_model, tmp_path / "c"), lambda sd: sd.update({"h.0.attn.q_norm.weight": torch.ones(16)}))
-    with pytest.raises(ValueError, match=r"unexpected key 'h.0.attn.q_norm.weight'"):
+    with pytest.raises(errors.BadInput, match=r"unexpected key 'h.0.attn.q_norm.weight'"):
         gpt2.GPT.from_pretrained(str(d))
 
 
 def test_wrong_shape_names_key_and_both_shapes(tmp_path, hf_model):
     d = _rewrite(write_official(hf_model, tmp_path / "c"), lambda sd: sd.update({"wpe.weight": torch.zeros(64, 64)}))
-    with pytest.raises(ValueError, match=r"'wpe.weight' has shape \(64, 64\), config.json implies \(128, 64\)"):
+    with pytest.raises(errors.BadInput, match=r"'wpe.weight' has shape \(64, 64\), config.json implies \(128, 64\)"):
         gpt2.GPT.from_pretrained(str(d))
 
 
 def test_weights_of_another_family(tmp_path, hf_model):
     d = write_official(hf_model, tmp_path / "c")
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    with pytest.raises(ValueError, match="model_type 'llama', expected 'gpt2'"):
+    with pytest.raises(errors.BadInput, match="model_type 'llama', expected 'gpt2'"):
         gpt2.GPT.from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("n_layer"), "lacks key 'n_layer'"),
+    (lambda c: c.update(n_head="4"), "'n_head' is '4': expected an integer >= 1"),
+    (lambda c: c.update(n_head=0), "'n_head' is 0: expected an integer >= 1"),
+    (lambda c: c.update(n_layer=True), "'n_layer' is True: expected an integer >= 1"),
+    (lambda c: c.update(n_embd=66), "n_embd=66 must be a multiple of n_head=4"),
+    (lambda c: c.update(layer_norm_epsilon=float("nan")), "'layer_norm_epsilon' is nan: expected a finite number > 0"),
+    (lambda c: c.update(eos_token_id="<eos>"), "'eos_token_id' is '<eos>': expected a token id"),
+], ids=["missing", "string", "zero", "bool", "indivisible", "nan", "eos-string"])
+def test_bad_config_json_names_the_file_and_the_key(tmp_path, edit, message):
+    config = dict(HF_CONFIG)
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(errors.BadInput, match=re.escape(f"{tmp_path / 'config.json'}: {message}")):
+        gpt2.GPT.from_pretrained(str(tmp_path))
+
+
+def test_config_json_that_is_no_object_or_has_nulls(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(errors.BadInput, match="config.json: expected a JSON object, got list"):
+        gpt2.GPT.from_pretrained(str(tmp_path))
+    # null stands for the default, as in transformers: n_positions falls back to n_ctx
+    config = gpt2.Config.from_hf(HF_CONFIG | {"n_positions": None, "layer_norm_epsilon": None, "eos_token_id": None})
+    assert (config.block_size, config.layer_norm_epsilon, config.eos_token_id) == (128, 1e-5, None)

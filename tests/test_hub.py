@@ -7,6 +7,7 @@ The fake hub is a real HTTP server on 127.0.0.1 shaped like huggingface.co: the 
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import errors
 import hub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,6 +235,8 @@ class FakeHub:
         self.fail_once = {}      # file -> HTTP status to answer once before serving it
         self.advertised = {}     # file -> a (wrong) sha256 to announce instead of the real one
         self.token = None        # when set, a request without "Bearer <token>" gets 401
+        self.error_code = None   # when set, the X-Error-Code of every error answer
+        self.listing_body = None  # when set, the body of the listing answer
         self.ignore_range = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -266,7 +270,8 @@ class FakeHub:
                 if hub_.token and self.headers.get("Authorization") != f"Bearer {hub_.token}":
                     return self.answer(401, b"", {"X-Error-Code": "GatedRepo"})
                 if path == f"/api/models/{hub_.repo}/revision/{hub_.revision}":
-                    return self.answer(200, json.dumps(hub_.listing()).encode(), {"Content-Type": "application/json"})
+                    body = hub_.listing_body or json.dumps(hub_.listing()).encode()
+                    return self.answer(200, body, {"Content-Type": "application/json"})
                 prefix = f"/{hub_.repo}/resolve/{hub_.revision}/"
                 if path.startswith(prefix):
                     name = path[len(prefix):]
@@ -297,7 +302,10 @@ class FakeHub:
 
             def answer(self, status, body, headers=(), length=None):
                 self.send_response(status)
-                for k, v in dict(headers).items():
+                headers = dict(headers)
+                if status >= 400 and hub_.error_code is not None:
+                    headers["X-Error-Code"] = hub_.error_code
+                for k, v in headers.items():
                     self.send_header(k, str(v))
                 self.send_header("Content-Length", str(len(body) if length is None else length))
                 self.end_headers()
@@ -468,3 +476,134 @@ def test_environment_variables_set_endpoint_and_cache(fake_hub, repo_files, tmp_
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == tmp_path / "envcache" / "hub" / "tiny-org--tiny-model" / "main"
     assert (Path(out.stdout.strip()) / "config.json").read_bytes() == repo_files["config.json"]
+
+
+def test_hub_error_is_bad_input():
+    # the drivers' errors.run prints BadInput as one line: every hub failure is one
+    assert issubclass(hub.HubError, errors.BadInput)
+
+
+def test_error_code_header_is_shown_only_when_it_is_the_hubs_own(fake_hub, tmp_path):
+    with pytest.raises(hub.HubError, match=r"not found \(HTTP 404 EntryNotFound\)$"):
+        _download(fake_hub, tmp_path, ["nope.json"])
+    # a server (a proxy, a mirror) that echoes what it got into the header: neither the value nor a part of it
+    for code in (TOKEN, f"Bearer {TOKEN}", "EntryNotFound " + TOKEN, "x" * 41):
+        fake_hub.error_code = code
+        with pytest.raises(hub.HubError) as e:
+            _download(fake_hub, tmp_path, ["nope.json"])
+        assert str(e.value).endswith("not found (HTTP 404)")
+        fake_hub.error_code = code
+        fake_hub.token = "the-right-token"
+        with pytest.raises(hub.HubError, match="HTTP 401: tiny-org/tiny-model is gated") as e:
+            _download(fake_hub, tmp_path, ["config.json"])
+        assert TOKEN not in str(e.value) and "x" * 41 not in str(e.value)
+        fake_hub.token = None
+
+
+def test_endpoint_credentials_are_never_shown(fake_hub, tmp_path, capsys):
+    """HF_ENDPOINT may be https://user:password@mirror/?key=...: no message shows a URL, only repo, file, host."""
+    secret = "s3cr3tPassw0rd"
+    host = fake_hub.url.removeprefix("http://")
+    endpoint = f"http://user:{secret}@{host}/prefix;p={secret}?key={secret}#{secret}"
+    messages = []
+    for endpoint_, files in ((endpoint, ["nope.json"]),                                       # 404
+                             (f"http://user:{secret}@127.0.0.1:{_closed_port()}/?k={secret}", None),   # no network
+                             (f"ftp://user:{secret}@{host}", None)):                          # not http(s)
+        with pytest.raises(hub.HubError) as e:
+            hub.download(REPO, files, endpoint=endpoint_, cache_dir=tmp_path)
+        messages.append(str(e.value))
+    fake_hub.fail_once["config.json"] = 503          # a retry, announced on stderr
+    fake_hub.listing_body = b"<html>a login page</html>"   # a server that is no hub
+    with pytest.raises(hub.HubError, match=rf"is not a hub listing; is 127.0.0.1 \(HF_ENDPOINT\) a hub") as e:
+        hub.download(REPO, endpoint=f"http://user:{secret}@{host}", cache_dir=tmp_path)
+    messages.append(str(e.value))
+    hub.download(REPO, ["config.json"], endpoint=f"http://user:{secret}@{host}", cache_dir=tmp_path / "c2")
+    out = capsys.readouterr()
+    assert "retrying" in out.err and len(messages) == 4
+    for text in (*messages, out.out, out.err):
+        assert secret not in text and "user:" not in text and "prefix" not in text and "key=" not in text, text
+
+
+def test_fetch_url_sends_no_token_and_shows_no_url(fake_hub, tmp_path, monkeypatch):
+    """fetch_url is for datasets on other servers: the hub token stays home, and a signed URL stays unprinted."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    got = hub.fetch_url(f"{fake_hub.url}/cdn/config.json?sig=abc123", tmp_path / "c.json")
+    assert got.read_bytes() == fake_hub.files["config.json"]
+    assert fake_hub.log and all("Authorization" not in h for _, h in fake_hub.log)
+    with pytest.raises(hub.HubError, match=r"^x.txt \(from 127.0.0.1\): not found \(HTTP 404 RepoNotFound\)$"):
+        hub.fetch_url(f"{fake_hub.url}/cdn/missing?sig=abc123", tmp_path / "x.txt")
+
+
+@pytest.mark.parametrize("source", ["./missing_dir", "../missing", "/no/such/dir", "~/no-such-dir", "out/gpt2/last",
+                                    "ckpt/", ".hidden"])
+def test_a_path_is_never_looked_up_on_the_hub(fake_hub, tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(hub, "ENDPOINT", fake_hub.url)
+    monkeypatch.setattr(hub, "BACKOFF", 10.0)   # a network attempt would be seen, and would be slow
+    with pytest.raises(hub.HubError, match=f"^{re.escape(repr(source))}: no such directory$"):
+        hub.resolve(source)
+    assert fake_hub.log == []
+
+
+def test_a_repo_id_is_looked_up_and_a_directory_wins(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "ENDPOINT", fake_hub.url)
+    with pytest.raises(hub.HubError, match="tiny-org/missing@main: listing files: not found"):
+        hub.resolve("tiny-org/missing", cache_dir=tmp_path / "cache")
+    assert len(fake_hub.log) == 1
+    (tmp_path / "tiny-org" / "missing").mkdir(parents=True)   # a local folder of the same name is used as is
+    assert hub.resolve("tiny-org/missing") == Path("tiny-org/missing")
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hub.resolve("~") == tmp_path / "home"
+    with pytest.raises(hub.HubError, match="empty source"):
+        hub.resolve("")
+
+
+@pytest.mark.parametrize("repo_id,ok", [
+    ("openai-community/gpt2", True), ("meta-llama/Llama-3.2-1B-Instruct", True), ("Qwen/Qwen2.5-0.5B", True),
+    ("a/b", True), ("user_1/model_", True), ("own--er/name", False), ("owner/na..me", False), ("-owner/name", False),
+    ("owner/name.", False), ("owner/na me", False), ("owner/näme", False), ("owner/", False), ("owner/a/b", False),
+    ("o" * 97 + "/name", False), ("owner/name\n", False)])
+def test_repo_id_follows_the_hubs_rule(repo_id, ok):
+    assert bool(hub.REPO_ID.fullmatch(repo_id)) == ok
+
+
+def test_offline_uses_the_cache_or_says_so(fake_hub, repo_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "OFFLINE", True)
+    with pytest.raises(hub.HubError, match=r"tiny-org/tiny-model@main: HF_HUB_OFFLINE is set and .* no config.json"):
+        _download(fake_hub, tmp_path)
+    with pytest.raises(hub.HubError, match="has no model-00001-of-00003.safetensors"):
+        _download(fake_hub, tmp_path, ["model-00001-of-00003.safetensors"])
+    assert fake_hub.log == []
+    monkeypatch.setattr(hub, "OFFLINE", False)
+    path = _download(fake_hub, tmp_path)
+    fake_hub.log.clear()
+    monkeypatch.setattr(hub, "OFFLINE", True)
+    assert _download(fake_hub, tmp_path) == path and _download(fake_hub, tmp_path, ["config.json"]) == path
+    assert fake_hub.log == []
+    # read from the environment when hub is imported, with huggingface_hub's spellings (in a fresh interpreter)
+    code = ("import importlib, os, hub\nfor v in ('1', 'true', 'ON', '0', 'false', ''):\n"
+            "    os.environ['HF_HUB_OFFLINE'] = v\n    print(importlib.reload(hub).OFFLINE)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True"] * 3 + ["False"] * 3, out.stderr
+
+
+def test_bad_listing_entries_are_one_line(fake_hub, tmp_path):
+    for body in (b'{"siblings": [{"size": 3}]}', b'{"siblings": ["config.json"]}', b'{"siblings": 3}', b"[]"):
+        fake_hub.listing_body = body
+        with pytest.raises(hub.HubError, match="listing files: the answer is not a hub listing"):
+            _download(fake_hub, tmp_path)
+
+
+def test_a_token_with_a_line_break_is_refused_unshown(fake_hub, tmp_path, monkeypatch):
+    fake_hub.token = TOKEN
+    monkeypatch.setenv("HF_TOKEN", f" {TOKEN}\n")   # pasted with its newline: the token is the rest
+    _download(fake_hub, tmp_path, ["config.json"])
+    assert fake_hub.log[-1][1]["Authorization"] == f"Bearer {TOKEN}"
+    for bad in (f"{TOKEN}\nX-Other: 1", f"{TOKEN} {TOKEN}", f"{TOKEN}é"):
+        monkeypatch.setenv("HF_TOKEN", bad)
+        with pytest.raises(hub.HubError, match="HF_TOKEN .* holds a space, a line break or a non-ASCII") as e:
+            _download(fake_hub, tmp_path, ["model.safetensors.index.json"])
+        assert TOKEN not in str(e.value)

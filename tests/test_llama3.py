@@ -1,12 +1,14 @@
 """llama3.py against transformers' LlamaForCausalLM on tiny random checkpoints in HF's and Meta's layouts."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import errors
 import hub
 import llama3
 
@@ -321,7 +323,7 @@ def test_context_length_error():
 def test_shape_contradicting_config_names_the_key(models, tmp_path):
     hf_model, _ = models["3.0"]
     d = write_hf(hf_model, CONFIGS["3.0"] | {"num_key_value_heads": 4}, tmp_path / "hf")
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(32, 64\), "
+    with pytest.raises(errors.BadInput, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(32, 64\), "
                                          r"config.json implies \(64, 64\)"):
         ours(d)
 
@@ -332,7 +334,7 @@ def test_missing_key(models, tmp_path):
     sd = load_file(d / "model.safetensors")
     del sd["model.layers.1.post_attention_layernorm.weight"]
     save_file(sd, d / "model.safetensors")
-    with pytest.raises(ValueError, match=r"lack key 'model.layers.1.post_attention_layernorm.weight'"):
+    with pytest.raises(errors.BadInput, match=r"lack key 'model.layers.1.post_attention_layernorm.weight'"):
         ours(d)
 
 
@@ -341,27 +343,27 @@ def test_missing_shard_named_in_index(models, tmp_path):
     d = write_hf(hf_model, CONFIGS["3.0"], tmp_path / "hf", max_shard_bytes=100_000)
     gone = sorted(d.glob("model-*.safetensors"))[1]
     gone.unlink()
-    with pytest.raises(hub.HubError, match=f"{gone.name}: missing shard"):
+    with pytest.raises(errors.BadInput, match=f"{gone.name}: missing shard"):
         ours(d)
 
 
 def test_meta_without_params_json(models, tmp_path):
     d = write_meta(models["3.0"][0], tmp_path / "m")
     (d / "params.json").unlink()
-    with pytest.raises(FileNotFoundError, match="without params.json"):
+    with pytest.raises(errors.BadInput, match="without params.json"):
         ours(d)
 
 
 def test_meta_scaled_without_factor_says_how_to_give_it(models, tmp_path):
     d = write_meta(models["3.2"][0], tmp_path / "m", scaled=True)
-    with pytest.raises(ValueError, match=r"does not store the RoPE scale factor.*rope_scale_factor="):
+    with pytest.raises(errors.BadInput, match=r"does not store the RoPE scale factor.*rope_scale_factor="):
         ours(d)
 
 
 def test_meta_shape_contradicting_params_json(models, tmp_path):
     d = write_meta(models["3.0"][0], tmp_path / "m")
     (d / "params.json").write_text(json.dumps(PARAMS | {"ffn_dim_multiplier": None}))   # width 192, not 224
-    with pytest.raises(ValueError, match=r"'layers.0.feed_forward.w1.weight' has shape \(224, 64\), "
+    with pytest.raises(errors.BadInput, match=r"'layers.0.feed_forward.w1.weight' has shape \(224, 64\), "
                                          r"params.json implies \(192, 64\)"):
         ours(d)
 
@@ -371,13 +373,44 @@ def test_meta_pickle_with_code_is_refused(tmp_path):
     d.mkdir()
     (d / "params.json").write_text(json.dumps(PARAMS))
     torch.save({"tok_embeddings.weight": torch.zeros(2), "evil": print}, d / "consolidated.00.pth")
-    with pytest.raises(ValueError, match="consolidated.00.pth: not a readable weights-only"):
+    with pytest.raises(errors.BadInput, match="consolidated.00.pth: not a readable weights-only"):
         ours(d)
 
 
 def test_weights_of_another_family(models, tmp_path):
     d = write_hf(models["3.0"][0], CONFIGS["3.0"] | {"model_type": "qwen2"}, tmp_path / "hf")
-    with pytest.raises(ValueError, match="model_type 'qwen2', expected 'llama'"):
+    with pytest.raises(errors.BadInput, match="model_type 'qwen2', expected 'llama'"):
+        ours(d)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("hidden_size"), "config.json: lacks key 'hidden_size'"),
+    (lambda c: c.update(num_key_value_heads="2"), "config.json: 'num_key_value_heads' is '2': expected an integer"),
+    (lambda c: c.update(num_key_value_heads=3), "config.json: n_head=4 must be a multiple of n_kv_head=3"),
+    (lambda c: c.update(rope_scaling="llama3"), "config.json: rope_scaling is 'llama3': expected a JSON object"),
+    (lambda c: c.update(rope_scaling=SCALING), "config.json: lacks key 'rope_scaling.factor'"),
+    (lambda c: c.update(rope_scaling=SCALING | {"factor": -8}), "config.json: 'rope_scaling.factor' is -8: expected a"),
+    (lambda c: c.update(tie_word_embeddings="false"), "config.json: 'tie_word_embeddings' is 'false': expected true"),
+], ids=["missing", "string", "indivisible", "rope-string", "rope-no-factor", "rope-negative", "bool-string"])
+def test_bad_config_json_names_the_file_and_the_key(tmp_path, edit, message):
+    config = dict(CONFIGS["3.0"])
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(errors.BadInput, match=re.escape(f"{tmp_path / message}")):
+        ours(tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: p.pop("n_layers"), "params.json: lacks key 'n_layers'"),
+    (lambda p: p.update(vocab_size=-1), "params.json: 'vocab_size' is -1: expected an integer >= 1"),   # Llama 2's
+    (lambda p: p.update(dim=66), "params.json: n_embd=66 must be a multiple of n_head=4"),
+], ids=["missing", "negative", "indivisible"])
+def test_bad_params_json_names_the_file_and_the_key(models, tmp_path, edit, message):
+    d = write_meta(models["3.0"][0], tmp_path / "m")
+    params = dict(PARAMS)
+    edit(params)
+    (d / "params.json").write_text(json.dumps(params))
+    with pytest.raises(errors.BadInput, match=re.escape(f"{d / message}")):
         ours(d)
 
 
@@ -459,6 +492,9 @@ def test_chat_content_cannot_forge_special_tokens(chat_tokenizers):
     assert ids.count(special["<|eot_id|>"]) == 1 and ids.count(special["<|start_header_id|>"]) == 2
     with pytest.raises(ValueError, match=r"messages\[0\] must be a dict"):
         llama3.encode_chat(tok, [("user", "hi")])
+    bytes_only = pytest.importorskip("bpe").train("", 257, special_tokens={"<|endoftext|>": 256})
+    with pytest.raises(errors.BadInput, match=r"the tokenizer lacks <\|begin_of_text\|>.*not a Llama 3 tokenizer"):
+        llama3.encode_chat(bytes_only, [{"role": "user", "content": "hi"}])
 
 
 # ---- train.py drives it
