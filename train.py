@@ -238,7 +238,9 @@ def read_meta(directory):
     """data/<name>/meta.json, checked: BadInput naming the file and key when it is not what prepare_data writes."""
     path = Path(directory) / "meta.json"
     if not Path(directory).is_dir():
-        raise BadInput(f"--data {directory}: no such directory (run prepare_data.py first)")
+        found = "is a file" if Path(directory).exists() else "no such directory"
+        raise BadInput(f"--data {directory}: {found}; expected a directory of train.bin, val.bin and meta.json "
+                       f"(prepare_data.py writes one)")
     if not path.is_file():
         raise BadInput(f"--data {directory}: no meta.json (run prepare_data.py first)")
     try:
@@ -260,6 +262,8 @@ def read_meta(directory):
             raise BadInput(f"{path}: lacks key {key!r} ({expected})")
         if not ok(meta[key]):
             raise BadInput(f"{path}: {key} is {meta[key]!r}, expected {expected}")
+    if meta["dtype"] == "uint16" and meta["vocab_size"] > 2**16:
+        raise BadInput(f"{path}: dtype uint16 cannot hold the ids of a {meta['vocab_size']}-token vocabulary")
     return meta
 
 
@@ -821,7 +825,8 @@ def show_sample(model, data, data_dir, n_tokens, device):
     decoder = tok.decoder()
     gen = torch.Generator(device=device).manual_seed(0)
     # no stop at end-of-text: the sample runs on into the next "document", which shows more of what was learned
-    for t in sample.generate(model, prompt, n_tokens, temperature=0.8, top_k=50, generator=gen):
+    allowed = sample.sampleable(tok, model.config.vocab_size)   # a model may have more ids than the tokenizer
+    for t in sample.generate(model, prompt, n_tokens, temperature=0.8, top_k=50, generator=gen, allowed=allowed):
         print(decoder.step(int(t[0])), end="", flush=True)
     print(decoder.flush() + "\n---")
 
