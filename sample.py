@@ -108,6 +108,41 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 # Loading any model
 
 
+def pick_device(name):
+    """--device: auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps; errors.BadInput when this machine has no such device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise errors.BadInput(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise errors.BadInput(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise errors.BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise errors.BadInput(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise errors.BadInput(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(name, device):
+    """--dtype: auto is bf16 autocast on CUDA GPUs that have it (else fp16), fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32   # CPU/MPS bf16 autocast is usually slower than fp32 for small models
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise errors.BadInput(f"--dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
 def resolve_source(source, family=None):
     """A checkpoint directory, hub id or preset -> (model module, local directory). family: a model file name
     (--model), for a checkpoint whose config.json does not name its model_type (Meta's original format)."""
@@ -292,7 +327,6 @@ def read_prompt(args):
 
 
 def main(argv=None):
-    from train import pick_device, pick_dtype
     args = parse_args(argv)
     text = read_prompt(args)
     device = pick_device(args.device)

@@ -44,8 +44,10 @@ try:
 except ImportError:
     fcntl = None
 
+import bpe
 import errors
 import hub
+import sample
 from errors import BadInput, os_error_line
 
 # the model files this checkout has (DESIGN.md plans gpt2, llama3, qwen, deepseek)
@@ -319,41 +321,6 @@ def step_seed(seed, step):
 # Helpers
 
 
-def pick_device(name):
-    """--device: auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps; BadInput when this machine has no such device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise BadInput(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise BadInput(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise BadInput(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def pick_dtype(name, device):
-    """--dtype: auto is bf16 autocast on CUDA GPUs that have it (else fp16), fp32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32   # CPU/MPS bf16 autocast is usually slower than fp32 for small models
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise BadInput(f"--dtype {name!r}: expected auto, float32, bfloat16 or float16")
-    return dtypes[name]
-
-
 def lr_at(step, args):
     """Linear warmup to lr, then cosine decay to min_lr at max_steps (Loshchilov & Hutter 2017)."""
     if step < args.warmup_steps:
@@ -580,7 +547,7 @@ def train(args, module):
 
 def _train(args, module, master):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-    device = pick_device(args.device)
+    device = sample.pick_device(args.device)
     out_dir = Path(args.out_dir)
     if ddp:
         if device.type == "cuda":
@@ -595,7 +562,7 @@ def _train(args, module, master):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = sample.pick_dtype(args.dtype, device)
     autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -811,8 +778,6 @@ def _set_dropout(model, p):
 
 def show_sample(model, data, data_dir, n_tokens, device):
     """Print a sample continuing a few tokens of validation text, so a learner sees what the model learned."""
-    import bpe
-    import sample
     if not (Path(data_dir) / "tokenizer").is_dir():
         print(f"(no sample: {Path(data_dir) / 'tokenizer'} is missing, so the tokens cannot be shown as text)")
         return

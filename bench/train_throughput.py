@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sample  # noqa: E402
 import train  # noqa: E402
 
 
@@ -61,8 +62,8 @@ def main():
     p.add_argument("--skip_minimal", action="store_true", help="only train.py (e.g. for the compile comparison)")
     a = p.parse_args()
     module = importlib.import_module(a.model)
-    device = train.pick_device(a.device)
-    dtype = train.pick_dtype(a.dtype, device)
+    device = sample.pick_device(a.device)
+    dtype = sample.pick_dtype(a.dtype, device)
     config = module.PRESETS[a.preset] if a.preset else module.Config()
     tokens_per_step = a.batch_size * a.seq_len
 
