@@ -109,7 +109,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 
 
 def pick_device(name):
-    """--device: auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps; errors.BadInput when this machine has no such device."""
+    """--device: auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps; BadInput when this machine lacks it."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
