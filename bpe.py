@@ -988,7 +988,7 @@ def _template_bos(post, added):
     return False, None
 
 
-# Llama 3's 256 special tokens, at ids num_base_tokens + i (FORMATS.md 4.2).
+# Llama 3's 256 special tokens, at ids num_base_tokens + i (docs/FORMATS.md 4.2).
 _LLAMA3_SPECIALS_31 = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",

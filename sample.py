@@ -121,7 +121,8 @@ def pick_device(name):
     except (RuntimeError, TypeError):
         raise errors.BadInput(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise errors.BadInput(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+        raise errors.BadInput(f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); "
+                              f"use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise errors.BadInput(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -258,7 +259,8 @@ def chat(module, model, tok, args, generator):
 
 
 def parse_args(argv=None):
-    p = errors.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = errors.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="checkpoint directory, hub id (owner/name) or preset (e.g. gpt2-medium)")
     p.add_argument("--model", default=None, help=f"model file to use: {', '.join(MODEL_FILES)} (default: from "
                    f"config.json's model_type)")

@@ -50,7 +50,7 @@ import hub
 import sample
 from errors import BadInput, os_error_line
 
-# the model files this checkout has (DESIGN.md plans gpt2, llama3, qwen, deepseek)
+# the model files this checkout has (docs/DESIGN.md plans gpt2, llama3, qwen, deepseek)
 MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
 # Peak dense bf16 tensor-core FLOP/s, for MFU (vendor datasheets; fp32 runs are quoted against these too).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -226,8 +226,8 @@ def _fits(value, hint):
 def _type_name(hint):
     """int | list[int] | None -> 'int or list[int] or None'."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    return " or ".join(h.__name__ if isinstance(h, type) else str(h) for h in (typing.get_args(hint) if union
-                                                                               else (hint,))).replace("NoneType", "None")
+    names = [h.__name__ if isinstance(h, type) else str(h) for h in (typing.get_args(hint) if union else (hint,))]
+    return " or ".join(names).replace("NoneType", "None")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -432,9 +432,10 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
             if tok_dir.is_dir():
                 for f in tok_dir.iterdir():
                     shutil.copyfile(f, tmp / f.name)
+            flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
             state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "rng": rng_state(next(model.parameters()).device), "best_val_loss": best_val, **(extra or {}),
-                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+                     "args": flags}
             buffer = io.BytesIO()
             torch.save(state, buffer)
             hub.atomic_write(tmp / "train_state.pt", buffer.getvalue())

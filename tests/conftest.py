@@ -32,5 +32,5 @@ def randomize(module, seed=0, scale=0.1):
 
 @pytest.fixture(autouse=True)
 def _no_tiktoken_cache(monkeypatch):
-    # tiktoken caches files keyed by path, so a rewritten file would be read stale (FORMATS.md 4.5)
+    # tiktoken caches files keyed by path, so a rewritten file would be read stale (docs/FORMATS.md 4.5)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")

@@ -14,7 +14,7 @@ import llama3
 
 transformers = pytest.importorskip("transformers")
 
-T = 256   # long enough for the 3.1 frequency scaling to show (FORMATS.md 0.7: factor 8 vs 32 is 1e-2 at 256)
+T = 256   # long enough for the 3.1 frequency scaling to show (docs/FORMATS.md 0.7: factor 8 vs 32 is 1e-2 at 256)
 BASE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64,
         "intermediate_size": 224, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
@@ -58,7 +58,7 @@ def write_hf(model, config, directory, max_shard_bytes=None):
 
 
 def hf_to_meta(w, n_heads):
-    """HF's rotate-half row order -> Meta's interleaved pairs (FORMATS.md 1.3; inverse of HF's converter)."""
+    """HF's rotate-half row order -> Meta's interleaved pairs (docs/FORMATS.md 1.3; inverse of HF's converter)."""
     hd = w.size(0) // n_heads
     return w.view(n_heads, 2, hd // 2, w.size(1)).transpose(1, 2).reshape(w.shape)
 
@@ -201,7 +201,7 @@ def test_sharded_hf_checkpoint(models, idx, tmp_path):
 
 
 def test_transformers_own_save_loads(models, idx, tmp_path):
-    """transformers 5 writes rope_parameters instead of rope_theta + rope_scaling (FORMATS.md 0.2)."""
+    """transformers 5 writes rope_parameters instead of rope_theta + rope_scaling (docs/FORMATS.md 0.2)."""
     hf_model, ref = models["3.1"]
     hf_model.save_pretrained(tmp_path / "hf")
     assert "rope_parameters" in json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -332,7 +332,8 @@ def test_leftovers_of_dead_writers_are_removed_on_start(data, tmp_path):
 def test_resume_may_change_the_run_length_and_intervals(data, tmp_path):
     moved = shutil.copytree(data, tmp_path / "moved-data")   # the same tokens elsewhere: the same tokenizer
     out = ["--out_dir", str(tmp_path / "out")]
-    assert run(TINY + out + ["--data", str(data), "--max_steps", "2", "--eval_interval", "2", "--eval_iters", "1"])[1] == 0
+    assert run(TINY + out + ["--data", str(data), "--max_steps", "2", "--eval_interval", "2",
+                             "--eval_iters", "1"])[1] == 0
     assert run(TINY + out + ["--data", str(moved), "--max_steps", "4", "--eval_interval", "4", "--eval_iters", "2",
                              "--log_interval", "2", "--resume"])[1] == 0
     # batch 8 x 1 == batch 4 x 2 accumulation steps: the same global batch
