@@ -30,6 +30,7 @@ import threading
 import time
 import types
 import typing
+import warnings
 import zipfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -456,8 +457,9 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
         link_tmp.symlink_to(final.name)
         os.replace(link_tmp, out_dir / name)
     hub.fsync_dir(out_dir)
-    # keep only the checkpoints a link points at
+    # keep the checkpoints a link points at, and the one before `last`: a fallback should `last` be damaged
     keep = {os.readlink(out_dir / n) for n in ("last", "best") if (out_dir / n).is_symlink()}
+    keep.update(sorted(d.name for d in out_dir.glob("ckpt-*") if d.name < os.readlink(last))[-1:])
     for d in out_dir.glob("ckpt-*"):
         if d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
@@ -470,7 +472,9 @@ def load_train_state(ckpt_dir):
     if not path.is_file():
         raise BadInput(f"--resume: {path} not found (nothing to resume in {ckpt_dir.parent})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch warns about what it finds in a damaged file, before failing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
         ok = isinstance(state, dict) and {"step", "optimizer", "scaler", "rng", "best_val_loss"} <= set(state)
     except (RuntimeError, EOFError, ValueError, TypeError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile):
         ok = False   # torch's own message advises weights_only=False: never for a damaged file

@@ -356,3 +356,17 @@ def test_config_file_values_are_checked_like_flags(tmp_path):
 def test_os_errors_read_as_path_and_reason(tmp_path):
     e = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
     assert errors.os_error_line(e) == f"{tmp_path / 'x'}: No space left on device"
+
+
+def test_a_damaged_last_names_the_previous_checkpoint_which_resumes(data, tmp_path):
+    common = SMALL + ["--data", str(data), "--out_dir", str(tmp_path)]
+    assert run(common + ["--max_steps", "6"])[1] == 0
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-0000004", "ckpt-0000006"]
+    (tmp_path / "last" / "train_state.pt").write_bytes(b"\x80\x04 bit rot")
+    code, out = cli(common + ["--max_steps", "8", "--resume"])
+    assert code == 1 and "Traceback" not in out and "weights_only" not in out, out
+    assert f"previous checkpoint is {tmp_path / 'ckpt-0000004'}" in out.strip().splitlines()[-1]
+    os.remove(tmp_path / "last")
+    os.symlink("ckpt-0000004", tmp_path / "last")   # what the message says to do
+    assert run(common + ["--max_steps", "8", "--resume"])[1] == 0
+    assert torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)["step"] == 8
