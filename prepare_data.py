@@ -56,8 +56,10 @@ EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html", ".c", ".h", ".js", ".ts"}
 # the model files this checkout has, of those the project plans: --model names one for its chat format
 MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
+# the UTF-8 byte count of each token id, for train.py's val_bpb (meta.json names it)
+TOKEN_BYTES = "token_bytes.npy"
 # what a dataset directory holds (and the .tmp files of older versions): anything else there is not replaced
-DATASET_FILES = {"tokenizer", "train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "meta.json"}
+DATASET_FILES = {"tokenizer", "train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "meta.json", TOKEN_BYTES}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -209,6 +211,28 @@ def _fetch_gpt2_files():
         if not (folder / name).is_file():
             hub.fetch_url(url, folder / name)
     return folder
+
+
+def token_byte_counts(tok):
+    """Each token id's length in UTF-8 bytes of text, 0 for special tokens (and ids without a token): what bits
+    per byte divides by, so that runs with different tokenizers compare. The raw token bytes, not the decoded
+    text, which turns a token that holds part of a character into the 3 bytes of U+FFFD."""
+    counts = np.zeros(tok.vocab_size, dtype=np.uint32)
+    specials = set(tok.special_tokens.values())
+    for i, token in tok.vocab.items():
+        if i not in specials:
+            counts[i] = len(token)
+    return counts
+
+
+def write_token_bytes(tok, path):
+    # A file beside meta.json rather than a list in it: meta.json is indented, one line per entry, and a 128K
+    # vocabulary would bury its few keys under 128K lines; a .npy of 128K counts is 512 KB, loads in a millisecond
+    # and carries its own dtype and length, which train.py checks.
+    with open(path, "wb") as f:
+        np.save(f, token_byte_counts(tok))
+        f.flush()
+        os.fsync(f.fileno())   # on disk before the rename that publishes the directory
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -386,9 +410,11 @@ def prepare_chat(path, model, tokenizer, name=None, out_dir="data", val_fraction
             hub.atomic_write(tmp / f"{split}.bin", ids.tobytes())
             hub.atomic_write(tmp / f"{split}.mask.bin", mask.tobytes())
             counts[split] = len(ids)
+        write_token_bytes(tok, tmp / TOKEN_BYTES)
         meta = {"dataset": str(path), "tokenizer": tokenizer, "chat_model": model, "vocab_size": tok.vocab_size,
-                "dtype": np.dtype(dtype).name, "eot_id": eot, "loss_mask": True, "train_tokens": counts["train"],
-                "val_tokens": counts["val"], "train_docs": len(conversations) - n_val, "val_docs": n_val}
+                "dtype": np.dtype(dtype).name, "eot_id": eot, "loss_mask": True, "token_bytes": TOKEN_BYTES,
+                "train_tokens": counts["train"], "val_tokens": counts["val"],
+                "train_docs": len(conversations) - n_val, "val_docs": n_val}
         hub.write_json(tmp / "meta.json", meta)
     print(f"wrote {out}: {counts['train']:,} train and {counts['val']:,} val tokens of {len(conversations)} "
           f"conversations")
@@ -431,9 +457,10 @@ def prepare(dataset="stdlib", input=None, name=None, tokenizer="bpe", vocab_size
             raise BadInput(f"--tokenizer {tokenizer}: {e}") from None
         n_train = write_split(train_docs, encoding, eot, dtype, tmp / "train.bin")
         n_val = write_split(val_docs, encoding, eot, dtype, tmp / "val.bin")
+        write_token_bytes(tok, tmp / TOKEN_BYTES)
         meta = {"dataset": input and str(input) or dataset, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
-                "dtype": np.dtype(dtype).name, "eot_id": eot, "train_tokens": n_train, "val_tokens": n_val,
-                "train_docs": len(train_docs), "val_docs": len(val_docs)}
+                "dtype": np.dtype(dtype).name, "eot_id": eot, "token_bytes": TOKEN_BYTES, "train_tokens": n_train,
+                "val_tokens": n_val, "train_docs": len(train_docs), "val_docs": len(val_docs)}
         hub.write_json(tmp / "meta.json", meta)
     print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({meta['dtype']}, vocab {tok.vocab_size})")
     return out
