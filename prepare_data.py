@@ -19,6 +19,8 @@ directory / hub id (that model's own tokenizer, to fine-tune official weights on
 
 Each document ends with the end-of-text token. Ids are stored as uint16 when the vocabulary fits, else uint32.
 The tokenizer's files are written to data/<name>/tokenizer/, from where train.py copies them into checkpoints.
+token_bytes.npy (named by meta.json's token_bytes) holds each token id's length in UTF-8 bytes, 0 for special
+tokens: train.py's validation bits per byte divides by it, so runs with different tokenizers compare.
 data/<name>/ is built whole in a temporary directory beside it and then swapped in, so it never mixes two
 runs (a stale tokenizer beside new shards) and a crash leaves the old dataset or the new one.
 Every flag is checked before any work: bad input is one line `error: ...` naming the flag or file.
@@ -43,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 import bpe
+import checkpoint_io
 import errors
 import hub
 from errors import BadInput
@@ -155,10 +158,10 @@ def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
     tok_dir.mkdir(parents=True, exist_ok=True)
     if spec == "bytes":
         tok = bpe.train("", 256 + 1, special_tokens={EOT: 256})
-        tok.save(tok_dir / bpe.SAVE_NAME)
+        tok.save_pretrained(tok_dir)   # tokenizer.bpe, and tokenizer.json for transformers' AutoTokenizer
     elif spec == "bpe":
         tok = _trained_bpe(train_docs, vocab_size)
-        tok.save(tok_dir / bpe.SAVE_NAME)
+        tok.save_pretrained(tok_dir)
     elif spec == "gpt2":
         src = Path(gpt2_dir) if gpt2_dir else _fetch_gpt2_files()
         for name in GPT2_URLS:
@@ -168,7 +171,7 @@ def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
         except BadInput as e:
             raise BadInput(str(e).replace(str(tok_dir), str(src))) from None
     else:
-        src = Path(hub.resolve(spec))
+        src = Path(hub.resolve(spec, weights=False))   # a hub id: its tokenizer files, not gigabytes of weights
         tok = bpe.load(src)
         for path in [*src.iterdir(), src / "original" / "tokenizer.model"]:   # Meta's layout keeps it in original/
             if path.name in bpe.TOKENIZER_FILES and path.is_file() and not (tok_dir / path.name).exists():
@@ -200,7 +203,7 @@ def _trained_bpe(train_docs, vocab_size):
         cached.parent.mkdir(parents=True, exist_ok=True)
         tok.save(cached)
     if tok.vocab_size < vocab_size:
-        print(f"--vocab_size {vocab_size}: the corpus only gave {len(tok.merge_pairs)} merges, so the vocabulary "
+        print(f"--vocab_size {vocab_size}: the corpus only gave {len(tok.merges)} merges, so the vocabulary "
               f"is {tok.vocab_size} tokens (256 bytes + merges + {EOT})", file=sys.stderr)
     return tok
 
@@ -303,7 +306,7 @@ def building(out):
         if out.exists():
             os.rename(out, old)
         os.rename(tmp, out)
-        hub.fsync_dir(out.parent)
+        checkpoint_io.fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -407,15 +410,15 @@ def prepare_chat(path, model, tokenizer, name=None, out_dir="data", val_fraction
             if not mask.any():
                 raise BadInput(f"{path}: the {split} split has no assistant token to train on "
                                f"({model}.encode_chat marks no reply)")
-            hub.atomic_write(tmp / f"{split}.bin", ids.tobytes())
-            hub.atomic_write(tmp / f"{split}.mask.bin", mask.tobytes())
+            checkpoint_io.atomic_write(tmp / f"{split}.bin", ids.tobytes())
+            checkpoint_io.atomic_write(tmp / f"{split}.mask.bin", mask.tobytes())
             counts[split] = len(ids)
         write_token_bytes(tok, tmp / TOKEN_BYTES)
         meta = {"dataset": str(path), "tokenizer": tokenizer, "chat_model": model, "vocab_size": tok.vocab_size,
                 "dtype": np.dtype(dtype).name, "eot_id": eot, "loss_mask": True, "token_bytes": TOKEN_BYTES,
                 "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "train_docs": len(conversations) - n_val, "val_docs": n_val}
-        hub.write_json(tmp / "meta.json", meta)
+        checkpoint_io.write_json(tmp / "meta.json", meta)
     print(f"wrote {out}: {counts['train']:,} train and {counts['val']:,} val tokens of {len(conversations)} "
           f"conversations")
     return out
@@ -461,7 +464,7 @@ def prepare(dataset="stdlib", input=None, name=None, tokenizer="bpe", vocab_size
         meta = {"dataset": input and str(input) or dataset, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
                 "dtype": np.dtype(dtype).name, "eot_id": eot, "token_bytes": TOKEN_BYTES, "train_tokens": n_train,
                 "val_tokens": n_val, "train_docs": len(train_docs), "val_docs": len(val_docs)}
-        hub.write_json(tmp / "meta.json", meta)
+        checkpoint_io.write_json(tmp / "meta.json", meta)
     print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({meta['dtype']}, vocab {tok.vocab_size})")
     return out
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import bpe
+import checkpoint_io
 import errors
 import hub
 
@@ -75,6 +76,8 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     """Yield next tokens (B,) one step at a time for prompt idx (B, T); stops early once every row hit an eos.
 
     With the cache the prompt is fed once (prefill), then one token per step at its absolute position.
+    Only the last position goes through the LM head (last_only): a 4096-token prompt at Llama 3's 128K
+    vocabulary would otherwise be 2 GB of fp32 logits, all but one row of them unused.
     allowed: the only ids that may be sampled (bool (V,), see sampleable); None: every id.
     """
     B, T = idx.shape
@@ -83,10 +86,10 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     allowed = allowed.to(idx.device) if allowed is not None else None
     if use_cache:
         cache = model.init_cache(B, T + max_new_tokens, device=idx.device)
-        logits, _ = model(idx, cache=cache, pos=0)
+        logits, _ = model(idx, cache=cache, pos=0, last_only=True)   # (B, 1, V)
     else:
         seq = idx
-        logits, _ = model(seq)
+        logits, _ = model(seq, last_only=True)
     for i in range(max_new_tokens):
         if not bool(torch.isfinite(logits[:, -1]).all()):
             # else multinomial fails with a cryptic message (a device-side assert on CUDA), and argmax picks junk
@@ -98,10 +101,10 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
         if bool(done.all()) or i == max_new_tokens - 1:
             return
         if use_cache:
-            logits, _ = model(nxt[:, None], cache=cache, pos=T + i)
+            logits, _ = model(nxt[:, None], cache=cache, pos=T + i, last_only=True)
         else:
             seq = torch.cat([seq, nxt[:, None]], dim=1)
-            logits, _ = model(seq)
+            logits, _ = model(seq, last_only=True)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -167,7 +170,7 @@ def _model_type(path):
     if not path.is_file():
         raise errors.BadInput(f"{path}: not found (it names the model_type); for a checkpoint without one, such as "
                               f"Meta's original format, {hint}")
-    config = hub.read_json(path)
+    config = checkpoint_io.read_json(path)
     if not isinstance(config, dict):
         raise errors.BadInput(f"{path}: expected a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")

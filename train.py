@@ -46,8 +46,8 @@ except ImportError:
     fcntl = None
 
 import bpe
+import checkpoint_io
 import errors
-import hub
 import sample
 from errors import BadInput, os_error_line
 
@@ -258,8 +258,10 @@ def read_meta(directory):
             ("train_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
             ("val_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
             ("eot_id", lambda v: v is None or _is_int(v) and 0 <= v < meta["vocab_size"], "a token id or null"),
-            ("loss_mask", lambda v: isinstance(v, bool), "true or false")):
-        if key not in meta and key in ("eot_id", "loss_mask"):
+            ("loss_mask", lambda v: isinstance(v, bool), "true or false"),
+            ("token_bytes", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
+             "the name of a file beside meta.json")):
+        if key not in meta and key in ("eot_id", "loss_mask", "token_bytes"):   # older datasets lack them
             continue
         if key not in meta:
             raise BadInput(f"{path}: lacks key {key!r} ({expected})")
@@ -268,6 +270,37 @@ def read_meta(directory):
     if meta["dtype"] == "uint16" and meta["vocab_size"] > 2**16:
         raise BadInput(f"{path}: dtype uint16 cannot hold the ids of a {meta['vocab_size']}-token vocabulary")
     return meta
+
+
+def read_token_bytes(directory, meta):
+    """Each token id's length in UTF-8 bytes (0: special), which val_bpb divides by: the file meta.json names,
+    checked, else counted once from the tokenizer of a dataset prepared before prepare_data wrote it; None when
+    neither is there (val_bpb is left out, never an error)."""
+    directory = Path(directory)
+    if "token_bytes" not in meta:
+        try:
+            import prepare_data
+            counts = prepare_data.token_byte_counts(bpe.load(directory / "tokenizer"))
+        except (BadInput, OSError):
+            return None
+        return counts if len(counts) == meta["vocab_size"] else None   # else not the tokenizer of these ids
+    where = f"{directory / 'meta.json'}: token_bytes {meta['token_bytes']!r}"
+    try:
+        counts = np.load(directory / meta["token_bytes"], allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = os_error_line(e) if isinstance(e, OSError) else f"not a .npy array ({e})"
+        raise BadInput(f"{where}: {reason}; run prepare_data.py again") from None
+    if not isinstance(counts, np.ndarray):
+        problem = "an .npz archive, expected one array"
+    elif counts.shape != (meta["vocab_size"],):
+        problem = f"shape {counts.shape}, expected ({meta['vocab_size']},): one count per token id"
+    elif not np.issubdtype(counts.dtype, np.integer):
+        problem = f"dtype {counts.dtype}, expected integer byte counts"
+    elif (counts < 0).any():
+        problem = f"a negative byte count (token id {int(np.argmax(counts < 0))})"
+    else:
+        return counts
+    raise BadInput(f"{where}: {problem}; run prepare_data.py again")
 
 
 class TokenData:
@@ -417,7 +450,7 @@ def trim_metrics(path, step):
             continue
         if isinstance(row, dict) and _is_number(row.get("step")) and row["step"] <= step:
             rows.append(line + "\n")
-    hub.atomic_write(path, "".join(rows))
+    checkpoint_io.atomic_write(path, "".join(rows))
 
 
 def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, data_dir, link_names, extra=None):
@@ -439,7 +472,7 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
                      "args": flags}
             buffer = io.BytesIO()
             torch.save(state, buffer)
-            hub.atomic_write(tmp / "train_state.pt", buffer.getvalue())
+            checkpoint_io.atomic_write(tmp / "train_state.pt", buffer.getvalue())
         except OSError as e:   # a full disk, a quota: drop the partial copy, keep the last good checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
             kept = f"the last good checkpoint {last} -> {os.readlink(last)} is kept" if last.is_symlink() else \
@@ -456,7 +489,7 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
             link_tmp.unlink()
         link_tmp.symlink_to(final.name)
         os.replace(link_tmp, out_dir / name)
-    hub.fsync_dir(out_dir)
+    checkpoint_io.fsync_dir(out_dir)
     # keep the checkpoints a link points at, and the one before `last`: a fallback should `last` be damaged
     keep = {os.readlink(out_dir / n) for n in ("last", "best") if (out_dir / n).is_symlink()}
     keep.update(sorted(d.name for d in out_dir.glob("ckpt-*") if d.name < os.readlink(last))[-1:])
@@ -582,6 +615,7 @@ def _train(args, module, master):
             dist.barrier()
     meta = read_meta(data_dir)
     identity = tokenizer_identity(data_dir, meta)
+    token_bytes = read_token_bytes(data_dir, meta)
     global_batch = args.batch_size * args.grad_accum * world
 
     # the model: resumed, fine-tuned from weights, or new
@@ -626,6 +660,12 @@ def _train(args, module, master):
             if not 0 <= i < config.vocab_size:
                 raise BadInput(f"--{name} {i}: outside the vocabulary of {config.vocab_size} tokens")
     data = TokenData(data_dir, args.seq_len, config.vocab_size, meta)
+    if token_bytes is not None:   # ids of the model past the tokenizer's are no text: 0 bytes
+        token_bytes = torch.from_numpy(np.pad(token_bytes.astype(np.int64), (0, config.vocab_size - len(token_bytes))))
+        token_bytes = token_bytes.to(device)
+    else:
+        log(f"(no val_bpb: {data_dir} has no token byte counts, nor a tokenizer/ of its {meta['vocab_size']} ids "
+            f"to count them from; prepare_data.py writes them)")
     model.to(device)
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
@@ -658,17 +698,27 @@ def _train(args, module, master):
         model.eval()
         losses = {}
         for split in ("train", "val"):
-            total = torch.zeros(2, device=device)   # (sum of batch losses, number of batches)
+            # sums of batch losses and of batches, and for val_bpb of the targets' nats and UTF-8 bytes
+            total = torch.zeros(4, device=device)
             for i in range(args.eval_iters):
                 x, y = data.batch(split, step_seed(args.seed + 1, -i), args.batch_size, rank, world)
                 if (y == -100).all():   # instruction data: a window without any reply has no loss
                     continue
+                x, y = x.to(device), y.to(device)
                 with torch.no_grad(), autocast:
-                    _, loss = model(x.to(device), y.to(device))
-                total += torch.stack([loss.float(), torch.ones((), device=device)])
+                    logits, loss = model(x, y)
+                total[:2] += torch.stack([loss.float(), torch.ones((), device=device)])
+                if split == "val" and token_bytes is not None:
+                    # as nanochat: a target without bytes (a special token, -100 outside a reply) is in neither sum
+                    n_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0).flatten()
+                    nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                             ignore_index=-100, reduction="none")
+                    total[2:] += torch.stack([(nats * (n_bytes > 0)).sum(), n_bytes.sum().float()])
             if ddp:
                 dist.all_reduce(total)
             losses[split] = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+            if split == "val" and token_bytes is not None:
+                losses["val_bpb"] = (total[2] / (math.log(2) * total[3])).item() if total[3] > 0 else float("nan")
         model.train()
         return losses
 
@@ -747,9 +797,11 @@ def _train(args, module, master):
                 losses = evaluate()
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
+                bpb = {"val_bpb": losses["val_bpb"]} if "val_bpb" in losses else {}
                 log(f"step {step:5d} | eval: train {losses['train']:.4f} val {losses['val']:.4f}"
-                    + (" (best)" if improved else ""))
-                record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], "time": time.time()})
+                    + (f" | val_bpb {bpb['val_bpb']:.4f}" if bpb else "") + (" (best)" if improved else ""))
+                record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], **bpb,
+                        "time": time.time()})
                 checkpoint(["last", "best"] if improved else ["last"])
                 t_log, tokens_since = time.perf_counter(), 0
         if step < args.max_steps:   # stopped by a signal, at a step boundary

@@ -27,6 +27,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
 import bpe  # noqa: E402
+from errors import BadInput  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 R50K = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""   # tiktoken's gpt2
@@ -65,7 +66,7 @@ def stdlib_docs(max_mb):
             continue
         try:
             text = bpe.read_text(path)
-        except (ValueError, OSError):   # a few test files are deliberately not UTF-8
+        except (BadInput, OSError):   # a few test files are deliberately not UTF-8
             continue
         if total + len(text) > max_mb * 2**20:
             break

@@ -80,9 +80,9 @@ def write_checkpoint(config, directory, layout, dtype, shard_mb, shards):
     state = {k: torch.randn(v.shape, dtype=dtype) * 0.02 for k, v in model.state_dict().items()
              if not (k == "lm_head.weight" and config.tie_word_embeddings)}
     if layout == "hf":
-        import hub
-        hub.save_safetensors(state, directory, max_shard_bytes=shard_mb * 2**20)
-        hub.write_json(Path(directory) / "config.json", config.to_hf())
+        import checkpoint_io
+        checkpoint_io.save_safetensors(state, directory, max_shard_bytes=shard_mb * 2**20)
+        checkpoint_io.write_json(Path(directory) / "config.json", config.to_hf())
         return
     # Meta's layout: keys renamed (q/k row order is irrelevant for memory), rows or columns split per shard
     names = {v: k for k, v in llama3._META_TOP_KEYS.items()}

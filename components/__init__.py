@@ -10,7 +10,11 @@ read in one sitting, tested against an independent reference, and compared side 
     norms.py       LayerNorm, RMSNorm, pre-norm and post-norm blocks
     ffn.py         GELU MLP, SwiGLU, GeGLU, ReGLU
     moe.py         routers (softmax, noisy, sigmoid), shared experts, capacity, balancing
-    compare.py     python -m components.compare attention|position|norm|ffn|moe [--quick]
+    compare.py     python -m components.compare attention|position|norm|ffn|moe [--quick]: the family
+                   tables, the report and the command line; its parts:
+    meters.py      peak memory (a CPU meter too), FLOPs and time of one call
+    tinylm.py      the tiny byte-level model every training comparison trains, and its offline data
+    plots.py       the report's PNGs: cost against sequence length, loss against a baseline
 
 The model files (gpt2.py, llama3.py, ...) keep their own inline copies, so they stay standalone; the tests in
 tests/test_components_parity.py hold those copies equal to the versions here.

@@ -1,14 +1,18 @@
-"""The harness's own pieces: the CPU peak-memory meter, the offline data, the tiny model it trains."""
-import sys
-import types
+"""
+The harness's own pieces: the CPU peak-memory meter, the offline data, the tiny model it trains, the plots, the
+CLI end to end, and the acceptance check its attention report states (flash attention's peak memory).
+"""
 from dataclasses import replace
-from unittest import mock
 
+import matplotlib.image
 import pytest
 import torch
 
-from components.compare import (ByteData, PeakMemory, TinyConfig, TinyLM, count_flops, main, plot, stdlib_bytes,
-                                train_variant)
+from components import compare
+from components.compare import SETTINGS, attention_family, layer_step, main
+from components.meters import PeakMemory, count_flops, peak_memory
+from components.plots import cost_figure, growth, lengths_figure, training_figure
+from components.tinylm import ByteData, TinyConfig, TinyLM, stdlib_bytes, train_variant
 from errors import BadInput
 
 
@@ -104,18 +108,80 @@ def test_cli_errors():
         TinyLM(cfg)
 
 
-def test_plots_only_with_matplotlib(tmp_path, monkeypatch):
-    rows = [dict(name=n, T=T, ms=1.0, mb=2.0) for n in ("a", "b") for T in (128, 512)]
-    results = {"a": dict(curve=[3.0, 2.0, 1.0])}
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
-    assert plot("attention", str(tmp_path), rows, rows, results) == []
-    # a stand-in matplotlib whose savefig writes the file: the plotting code runs end to end
-    fig = mock.MagicMock()
-    fig.savefig.side_effect = lambda path, **kw: open(path, "wb").close()
-    pyplot = types.SimpleNamespace(subplots=lambda *a, **kw: (fig, [mock.MagicMock(), mock.MagicMock()])
-                                   if a == (1, 2) else (fig, mock.MagicMock()), close=lambda f: None)
-    monkeypatch.setitem(sys.modules, "matplotlib", types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
-    written = plot("attention", str(tmp_path), rows, rows, results)
-    assert written == ["attention_layers.png", "attention_kernels.png", "attention_training.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
+def test_flash_attention_peak_memory_is_an_eighth_of_naive_at_the_longest_kernel_length():
+    # the acceptance check of the attention report's kernel table, on the harness's own kernels and inputs: the
+    # tiled kernel never holds the (T, T) scores that the naive one keeps for its backward pass
+    cpu = torch.device("cpu")
+    kernels = {v.name: v for v in attention_family(SETTINGS[True], cpu)["kernels"]}
+    T = max(SETTINGS[True]["kernel_T"])
+    naive = peak_memory(layer_step(kernels["naive softmax(QK^T)V"], T), cpu)
+    flash = peak_memory(layer_step(kernels["flash (plain PyTorch, tile 256)"], T), cpu)
+    assert naive >= 3 * 4 * T * T * 4  # at least three float32 (1, 4, T, T) score-sized tensors at once
+    assert flash <= naive / 8
+
+
+def test_cli_writes_the_report_and_its_plots(tmp_path, monkeypatch):
+    # every part of the attention family at toy sizes; at these lengths flash saves little memory (one tile is a
+    # quarter of the scores), and the report says FAIL rather than the CLI failing
+    tiny = dict(layer_T=[128, 256], kernel_T=[256, 512], other_kernels_max_T=256, reps=1, n_layer=1, deep_layers=1,
+                n_embd=16, block_size=16, batch_size=2, steps=3, lr=1e-2, data_bytes=200_000)
+    monkeypatch.setitem(compare.SETTINGS, True, tiny)
+    assert main(["attention", "--quick", "--out", str(tmp_path)]) is None
+    report = (tmp_path / "attention.md").read_text()
+    assert "| naive softmax(QK^T)V | 512 |" in report and "| DSA top-4 |" in report
+    assert "(required <= 0.125): FAIL" in report
+    pngs = ["attention_layers_time.png", "attention_layers_memory.png", "attention_kernels_time.png",
+            "attention_kernels_memory.png", "attention_training.png"]
+    assert [line for line in report.splitlines() if line.startswith("![")] == [f"![{p}]({p})" for p in pngs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(pngs + ["attention.md"])
+    for p in pngs:
+        height, width, _ = matplotlib.image.imread(tmp_path / p).shape
+        assert width > 600 and height > 300
+
+
+def test_growth_is_the_slope_on_log_log_axes():
+    assert growth([dict(T=128, ms=1.0), dict(T=512, ms=16.0)], "ms") == pytest.approx(2.0)
+    assert growth([dict(T=256, mb=3.0), dict(T=1024, mb=3.0), dict(T=4096, mb=3.0)], "mb") == 0.0
+
+
+def outside(fig, ax):
+    """True when the axes' legend lies wholly beside the plotting area, covering none of it."""
+    fig.canvas.draw()
+    return not ax.get_window_extent().overlaps(ax.get_legend().get_window_extent())
+
+
+def test_cost_plot_is_log_log_with_units_and_says_how_each_variant_grows():
+    Ts = (128, 512, 2048)
+    rows = ([dict(name="quadratic", T=T, ms=(T / 128) ** 2, mb=1.0) for T in Ts] +
+            [dict(name="linear", T=T, ms=T / 128, mb=1.0) for T in Ts] + [dict(name="short", T=128, ms=3.0, mb=1.0)])
+    fig = cost_figure(rows, "ms", "Layers")
+    ax = fig.axes[0]
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert ax.get_xlabel() == "sequence length T (tokens)" and ax.get_ylabel().endswith("(ms)")
+    assert outside(fig, ax)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["128", "512", "2048"]
+    assert {t.get_text() for t in ax.get_yticklabels()} >= {"1", "10", "100"}  # not 10^0, 10^1, 10^2
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [r"quadratic  $\sim T^{2.0}$", r"linear  $\sim T^{1.0}$", "short  (one length)"]
+    assert ax.get_title() == "Layers: time\n" + r"grows as $T^{1.0}$ for linear, up to $T^{2.0}$ for quadratic"
+    memory = cost_figure(rows, "mb", "Layers").axes[0]
+    assert memory.get_ylabel().endswith("(MB)") and "the lines coincide" in memory.get_title()
+
+
+def test_training_plot_shows_each_variant_against_the_baseline():
+    base = [5.0 - 0.1 * i for i in range(40)]
+    fig = training_figure({"dense": dict(curve=base), "moe": dict(curve=[x - 0.2 for x in base])})
+    ax = fig.axes[0]
+    dense, moe = ax.get_lines()
+    assert list(dense.get_xdata()) == list(range(2, 41))  # a moving mean over 40 // 20 = 2 steps, by step number
+    assert all(y == 0 for y in dense.get_ydata()) and all(y == pytest.approx(-0.2) for y in moe.get_ydata())
+    assert "baseline, dense" in ax.get_title() and "nats/byte" in ax.get_ylabel() and outside(fig, ax)
+
+
+def test_lengths_plot_marks_the_training_length():
+    results = {"RoPE": dict(val={64: 2.9, 128: 2.7, 256: 2.8}), "learned": dict(val={64: 3.0, 128: 2.9, 256: 3.1})}
+    fig = lengths_figure(results, 64)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["64\n(training)", "128\n(2x)", "256\n(4x)"]
+    assert list(ax.get_lines()[1].get_ydata()) == [3.0, 2.9, 3.1] and outside(fig, ax)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint_io
 import errors
-import hub
 import llama3
+import sample
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +51,7 @@ def hf_state(model):
 def write_hf(model, config, directory, max_shard_bytes=None):
     directory.mkdir(parents=True, exist_ok=True)
     if max_shard_bytes:
-        hub.save_safetensors(hf_state(model), directory, max_shard_bytes=max_shard_bytes)
+        checkpoint_io.save_safetensors(hf_state(model), directory, max_shard_bytes=max_shard_bytes)
     else:
         save_file(hf_state(model), directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config))
@@ -273,6 +274,43 @@ def test_kv_cache_equals_full_recomputation(models, idx, tmp_path, version):
             pieces.append(model(idx[:, pos:pos + 1], cache=cache, pos=pos)[0])
             pos += 1
     assert max_diff(torch.cat(pieces, dim=1), full) <= 1e-4
+
+
+# ---- sampling reads the last position only: a 4096-token prompt at 128K ids would be 2 GB of fp32 logits
+
+
+@pytest.mark.parametrize("version", ["3.1", "3.2"])
+def test_last_only_logits_are_the_last_row_of_the_full_logits(models, idx, tmp_path, version):
+    model = ours(write_hf(models[version][0], CONFIGS[version], tmp_path / "hf"))
+    with torch.no_grad():
+        full, _ = model(idx)
+        last, _ = model(idx, last_only=True)
+        cache = model.init_cache(2, T)
+        prefill, _ = model(idx[:, :200], cache=cache, pos=0, last_only=True)
+        step, _ = model(idx[:, 200:201], cache=cache, pos=200, last_only=True)
+    assert last.shape == prefill.shape == step.shape == (2, 1, BASE["vocab_size"])
+    for got, row in ((last, T - 1), (prefill, 199), (step, 200)):
+        assert max_diff(got, full[:, row:row + 1]) <= 1e-5
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_tokens_are_those_of_the_full_logits(models, idx, tmp_path, use_cache):
+    model = ours(write_hf(models["3.1"][0], CONFIGS["3.1"], tmp_path / "hf"))
+    prompt = idx[:, :40]
+    for sampling in (dict(temperature=0), dict(temperature=1.0, top_k=20, top_p=0.9)):
+        got = sample.generate(model, prompt, 30, use_cache=use_cache, generator=torch.Generator().manual_seed(3),
+                              **sampling)
+        ref = tokens_from_full_logits(model, prompt, 30, torch.Generator().manual_seed(3), **sampling)
+        assert torch.equal(torch.stack(list(got), dim=1), ref)
+
+
+def tokens_from_full_logits(model, prompt, n, generator, **sampling):
+    """What sample.generate returned before last_only: every position's logits, recomputed at every step."""
+    seq = prompt
+    for _ in range(n):
+        nxt = sample.sample_next(logits_of(model, seq)[:, -1], generator=generator, **sampling)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return seq[:, prompt.size(1):]
 
 
 # ---- our checkpoints in transformers

@@ -77,6 +77,10 @@ def test_gpt2_ids_equal_tiktoken(tmp_path):
     for split, part in (("train", text[:cut]), ("val", text[cut:])):
         ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
         assert ids == ref.encode_ordinary(part) + [50256]
+    # each id's bytes as the official files give them (many are part of a character), <|endoftext|> none
+    meta = json.loads((out / "meta.json").read_text())
+    counts = np.load(out / meta["token_bytes"], allow_pickle=False)
+    assert counts.tolist() == [len(ref.decode_single_token_bytes(i)) for i in range(50256)] + [0]
     assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["encoder.json", "vocab.bpe"]
 
 
@@ -204,7 +208,7 @@ def test_small_corpus_gives_a_dense_smaller_vocabulary(tmp_path, capsys, recwarn
     assert "using cached tokenizer" in captured.out and shards[0] == shards[1]
     meta = json.loads((out / "meta.json").read_text())
     tok = bpe.load(out / "tokenizer")
-    n = len(tok.merge_pairs)
+    n = len(tok.merges)
     assert 0 < n < 4096 - 257 and meta["vocab_size"] == tok.vocab_size == 256 + n + 1
     assert meta["eot_id"] == tok.special_tokens[EOT] == 256 + n
     assert lines == [f"--vocab_size 4096: the corpus only gave {n} merges, so the vocabulary is {256 + n + 1} "
@@ -216,6 +220,38 @@ def test_small_corpus_gives_a_dense_smaller_vocabulary(tmp_path, capsys, recwarn
         decoder.step(i)
     ids = np.fromfile(out / "train.bin", dtype=meta["dtype"])
     assert ids.max() == meta["eot_id"] and tok.decode(ids[:-1]) == text[:int(len(text) * 0.95)]
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_token_bytes_are_each_ids_utf8_length_and_specials_none(tmp_path, tokenizer):
+    src = make_folder(tmp_path / "src")
+    out = prepare_data.prepare(input=str(src), tokenizer=tokenizer, vocab_size=300, out_dir=str(tmp_path / "data"),
+                               val_fraction=0.3)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["token_bytes"] == "token_bytes.npy"
+    counts = np.load(out / meta["token_bytes"], allow_pickle=False)
+    tok = bpe.load(out / "tokenizer")
+    enc = tok.to_tiktoken()
+    assert counts.tolist() == [0 if i == meta["eot_id"] else len(enc.decode_single_token_bytes(i))
+                               for i in range(meta["vocab_size"])]
+    # and apart from any tokenizer: a split's counts add up to the UTF-8 bytes of its documents' text (a token
+    # that is part of "é" or "☕" counts its own bytes, not the 3 of the U+FFFD its decoding alone would give)
+    originals = {p.read_text() for p in src.iterdir()}
+    for split in ("train", "val"):
+        ids = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
+        docs = read_docs(out, split, tok)
+        assert set(docs) <= originals
+        assert counts[ids].sum() == sum(len(d.encode("utf-8")) for d in docs)
+    if tokenizer == "bytes":   # every "é" is two tokens here, each part of a character
+        assert any(not _is_utf8(enc.decode_single_token_bytes(int(i))) for i in ids if i != meta["eot_id"])
+
+
+def _is_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -273,6 +309,21 @@ def test_chat_jsonl_masks_exactly_the_replies(tmp_path):
                                      "--seq_len", "8", "--batch_size", "1", "--max_steps", "12",
                                      "--eval_interval", "12", "--eval_iters", "1", "--sample_tokens", "0"])
     assert train.train(args, module)[1] == 0
+
+
+def test_chat_dataset_token_bytes_give_the_chat_tokens_none(tmp_path):
+    tok_dir = llama_tokenizer_dir(tmp_path / "tok")
+    jsonl = write_jsonl(tmp_path / "chat.jsonl", [[{"role": "user", "content": "hello"},
+                                                   {"role": "assistant", "content": "fine, merci ☕"}]] * 3)
+    out = prepare_data.prepare_chat(jsonl, "llama3", str(tok_dir), out_dir=str(tmp_path / "data"), val_fraction=0.3)
+    meta = json.loads((out / "meta.json").read_text())
+    counts = np.load(out / meta["token_bytes"], allow_pickle=False)
+    enc = bpe.load(tok_dir).to_tiktoken()
+    specials = {enc.encode_single_token(s) for s in LLAMA_SPECIALS}
+    assert len(specials) == 5 and counts.size == meta["vocab_size"] == enc.n_vocab
+    assert counts.tolist() == [0 if i in specials else len(enc.decode_single_token_bytes(i))
+                               for i in range(enc.n_vocab)]
+    assert counts[:256].tolist() == [1] * 256 and counts.max() > 1
 
 
 def test_chat_conversation_without_assistant_turn_is_reported_and_skipped(tmp_path, capsys):

@@ -14,7 +14,6 @@ import torch
 import bpe
 import errors
 import gpt2
-import hub
 import prepare_data
 import sample
 import train
@@ -291,7 +290,8 @@ def cli_runs(cli_dir):
     from concurrent.futures import ThreadPoolExecutor
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env |= {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NANOLLM_CACHE": str(cli_dir / "cache"),
-            "HOME": str(cli_dir / "home"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+            "HF_HOME": str(cli_dir / "hf"), "HOME": str(cli_dir / "home"), "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1"}
 
     def run(argv):
         r = subprocess.run([sys.executable, "sample.py", *_fill(argv, cli_dir)], cwd=ROOT, env=env,
@@ -319,9 +319,9 @@ def test_cli_samples_the_good_checkpoint(cli_runs):
 
 @pytest.mark.parametrize("case", MAIN_CASES)
 def test_main_bad_input_is_one_error_line(cli_dir, case, monkeypatch, capsys):
-    monkeypatch.setattr(hub, "OFFLINE", True)
-    monkeypatch.setattr(hub, "CACHE_DIR", cli_dir / "cache")
-    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    # huggingface_hub read HF_HUB_OFFLINE and HF_HOME when imported: its constants, then
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cli_dir / "hf"))
     argv, message = MAIN_CASES[case]
     with pytest.raises(SystemExit) as e:
         errors.run(sample.main, _fill(argv, cli_dir))
@@ -333,15 +333,16 @@ def test_main_bad_input_is_one_error_line(cli_dir, case, monkeypatch, capsys):
 def test_preset_is_fetched_from_the_hub_and_sampled(tmp_path, monkeypatch, capsys):
     """`sample.py gpt2` end to end: preset -> hub id -> download (a local fake hub) -> official layout -> text."""
     from conftest import shared_file
-    from test_hub import FakeHub
+    from test_hub import FakeHub, use_hub
     gpt2_files = shared_file("gpt2", "encoder.json").parent
     model = tiny_model(vocab_size=50257, eos=50256)
     model.save_pretrained(tmp_path / "repo")
     files = {p.name: p.read_bytes() for p in (tmp_path / "repo").iterdir()}
-    files |= {name: (gpt2_files / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
+    # the hub's GPT-2 repo carries OpenAI's encoder.json and vocab.bpe as vocab.json and merges.txt
+    files |= {"vocab.json": (gpt2_files / "encoder.json").read_bytes(),
+              "merges.txt": (gpt2_files / "vocab.bpe").read_bytes()}
     server = FakeHub(files, repo=gpt2.HUB_IDS["gpt2"])
-    monkeypatch.setattr(sample.hub, "ENDPOINT", server.url)
-    monkeypatch.setattr(sample.hub, "CACHE_DIR", tmp_path / "cache")
+    use_hub(monkeypatch, server.url, tmp_path / "hf")
     try:
         sample.main(["gpt2", "--prompt", "Hello, world", "--max_new_tokens", "12", "--temperature", "0"])
     finally:

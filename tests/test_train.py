@@ -166,8 +166,8 @@ def test_kill_9_during_checkpoint_write_keeps_previous(data, tmp_path):
                    "--eval_iters", "1"]
     # the second checkpoint dies (SIGKILL, no cleanup) after half of its weights file is on disk
     code = f"""
-import os, signal, hub, train
-save = hub.save_safetensors
+import os, signal, checkpoint_io, train
+save = checkpoint_io.save_safetensors
 calls = []
 def dying(state, directory, **kw):
     calls.append(1)
@@ -175,7 +175,7 @@ def dying(state, directory, **kw):
         (directory / "model.safetensors").write_bytes(b"partial" * 100)
         os.kill(os.getpid(), signal.SIGKILL)
     return save(state, directory, **kw)
-hub.save_safetensors = dying
+checkpoint_io.save_safetensors = dying
 train.main({args!r})
 """
     proc = _spawn(code)

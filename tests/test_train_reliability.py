@@ -299,15 +299,15 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(data,
 def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(data, tmp_path):
     args = SMALL + ["--data", str(data), "--out_dir", str(tmp_path), "--max_steps", "6"]
     code = f"""
-import errno, hub, errors, train
-save, calls = hub.save_safetensors, []
+import errno, checkpoint_io, errors, train
+save, calls = checkpoint_io.save_safetensors, []
 def full(state, directory, **kw):
     calls.append(1)
     if len(calls) == 2:
         (directory / "model.safetensors").write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
     return save(state, directory, **kw)
-hub.save_safetensors = full
+checkpoint_io.save_safetensors = full
 errors.run(train.main, {args!r})
 """
     proc = spawn(code)
