@@ -174,7 +174,7 @@ def fetch_url(url, dest):
     return dest
 
 
-def _looks_like_path(source):
+def looks_like_path(source):
     """Whether source can only be meant as a path ('./ckpt', '../x', '/x', '~/x', 'out/gpt2/last', 'ckpt/'), so
     that a missing directory is reported at once instead of being looked up on the hub."""
     return (not isinstance(source, str) or source.startswith(("/", ".", "~")) or source.endswith("/")
@@ -190,7 +190,7 @@ def resolve(source, **download_kwargs):
         return path
     if path.exists():
         raise HubError(f"{source}: is a file; expected a checkpoint directory or a hub repo id 'owner/name'")
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise HubError(f"{str(source)!r}: no such directory")
     if REPO_ID.fullmatch(source):
         try:

@@ -48,6 +48,7 @@ import bpe
 import checkpoint_io
 import errors
 import hub
+import sample
 from errors import BadInput
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -57,8 +58,6 @@ GPT2_URLS = {
 }
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html", ".c", ".h", ".js", ".ts"}
-# the model files this checkout has, of those the project plans: --model names one for its chat format
-MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
 # the UTF-8 byte count of each token id, for train.py's val_bpb (meta.json names it)
 TOKEN_BYTES = "token_bytes.npy"
 # what a dataset directory holds (and the .tmp files of older versions): anything else there is not replaced
@@ -146,10 +145,9 @@ def check_tokenizer(spec, gpt2_dir):
         return
     if Path(spec).exists():
         raise BadInput(f"--tokenizer {spec}: is a file; expected a model directory")
-    path_like = "/" in spec or os.sep in spec or spec.startswith((".", "~"))
-    if path_like and (spec.startswith((".", "~", "/")) or not hub.REPO_ID.fullmatch(spec)):
+    if hub.looks_like_path(spec):
         raise BadInput(f"--tokenizer {spec}: no such directory")
-    if not path_like:
+    if not hub.REPO_ID.fullmatch(spec):
         raise BadInput(f"--tokenizer {spec!r}: expected bytes, bpe, gpt2, a model directory or a hub id 'owner/name'")
 
 
@@ -379,8 +377,8 @@ def chat_example(module, tok, messages, where):
 def prepare_chat(path, model, tokenizer, name=None, out_dir="data", val_fraction=0.05):
     """Tokenize a JSONL file of conversations for supervised fine-tuning; returns the output directory."""
     check_fraction(val_fraction)
-    if model not in MODELS:
-        raise BadInput(f"--model {model!r}: expected one of the model files here: {', '.join(MODELS)}")
+    if model not in sample.MODELS:
+        raise BadInput(f"--model {model!r}: expected one of the model files here: {', '.join(sample.MODELS)}")
     module = importlib.import_module(model)
     if not hasattr(module, "encode_chat"):
         raise BadInput(f"--model {model}: {model}.py has no chat format (encode_chat)")
@@ -477,7 +475,7 @@ def main(argv=None):
     p.add_argument("--chat_jsonl", default=None, help="instruction data: JSONL of {\"messages\": [...]} "
                    "(needs --model and --tokenizer <model dir or hub id>)")
     p.add_argument("--model", default=None,
-                   help=f"model file whose chat format --chat_jsonl uses: {' | '.join(MODELS)}")
+                   help=f"model file whose chat format --chat_jsonl uses: {' | '.join(sample.MODELS)}")
     p.add_argument("--name", default=None, help="output name under --out_dir (default: dataset or input name)")
     p.add_argument("--tokenizer", default="bpe", help="bytes | bpe | gpt2 | a model directory or hub id")
     p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size for --tokenizer bpe")
@@ -501,7 +499,8 @@ def main(argv=None):
     elif a.input is not None:
         raise BadInput("--chat_jsonl and --input: give one of them")
     elif a.model is None:
-        raise BadInput(f"--chat_jsonl needs --model ({' | '.join(MODELS)}) and --tokenizer <model dir or hub id>")
+        raise BadInput(f"--chat_jsonl needs --model ({' | '.join(sample.MODELS)}) and --tokenizer <model dir or "
+                       f"hub id>")
     else:
         prepare_chat(a.chat_jsonl, a.model, a.tokenizer, a.name, a.out_dir, a.val_fraction)
 

@@ -27,8 +27,8 @@ import hub
 # config.json "model_type" -> model file
 FAMILIES = {"gpt2": "gpt2", "llama": "llama3", "qwen2": "qwen", "qwen3": "qwen", "qwen3_moe": "qwen",
             "deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}
-# the model files this checkout has (the others are planned): --model takes these, config.json their model_types
-MODEL_FILES = sorted({m for m in FAMILIES.values() if (Path(__file__).parent / f"{m}.py").is_file()})
+# the model files this checkout has, of those docs/DESIGN.md plans: every driver's --model takes one of these
+MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -150,10 +150,10 @@ def pick_dtype(name, device):
 def resolve_source(source, family=None):
     """A checkpoint directory, hub id or preset -> (model module, local directory). family: a model file name
     (--model), for a checkpoint whose config.json does not name its model_type (Meta's original format)."""
-    if family is not None and family not in MODEL_FILES:
-        raise errors.BadInput(f"--model {family!r}: expected one of {', '.join(MODEL_FILES)} (the model files here)")
+    if family is not None and family not in MODELS:
+        raise errors.BadInput(f"--model {family!r}: expected one of {', '.join(MODELS)} (the model files here)")
     if not Path(source).is_dir():
-        for name in [family] if family else MODEL_FILES:
+        for name in [family] if family else MODELS:
             module = importlib.import_module(name)
             if source in module.PRESETS:
                 return module, hub.resolve(module.HUB_IDS[source])
@@ -165,8 +165,8 @@ def resolve_source(source, family=None):
 
 def _model_type(path):
     """config.json's model_type, when a model file here implements it; else BadInput naming the file and the key."""
-    supported = sorted(t for t, m in FAMILIES.items() if m in MODEL_FILES)
-    hint = f"pass --model {' or '.join(MODEL_FILES)}"
+    supported = sorted(t for t, m in FAMILIES.items() if m in MODELS)
+    hint = f"pass --model {' or '.join(MODELS)}"
     if not path.is_file():
         raise errors.BadInput(f"{path}: not found (it names the model_type); for a checkpoint without one, such as "
                               f"Meta's original format, {hint}")
@@ -265,7 +265,7 @@ def parse_args(argv=None):
     p = errors.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="checkpoint directory, hub id (owner/name) or preset (e.g. gpt2-medium)")
-    p.add_argument("--model", default=None, help=f"model file to use: {', '.join(MODEL_FILES)} (default: from "
+    p.add_argument("--model", default=None, help=f"model file to use: {', '.join(MODELS)} (default: from "
                    f"config.json's model_type)")
     p.add_argument("--prompt", default=None, help="prompt text (none: start from the end-of-text token)")
     p.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file")

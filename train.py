@@ -51,8 +51,6 @@ import errors
 import sample
 from errors import BadInput, os_error_line
 
-# the model files this checkout has (docs/DESIGN.md plans gpt2, llama3, qwen, deepseek)
-MODELS = tuple(m for m in ("gpt2", "llama3", "qwen", "deepseek") if (Path(__file__).parent / f"{m}.py").is_file())
 # Peak dense bf16 tensor-core FLOP/s, for MFU (vendor datasheets; fp32 runs are quoted against these too).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                   "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
@@ -82,13 +80,13 @@ def parse_args(argv=None):
     known, _ = pre.parse_known_args(argv)
     overrides = read_config(known.config) if known.config else {}
     model = known.model or overrides.get("model", "gpt2")
-    if model not in MODELS:
-        raise BadInput(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    if model not in sample.MODELS:
+        raise BadInput(f"--model {model!r} is not one of {', '.join(sample.MODELS)}")
     module = importlib.import_module(model)
 
     p = errors.ArgumentParser(description="Train any model file of this repo.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="gpt2", help=f"model file: {' | '.join(MODELS)}")
+    p.add_argument("--model", default="gpt2", help=f"model file: {' | '.join(sample.MODELS)}")
     p.add_argument("--config", default=None, help="JSON file of overrides for any flag below")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default="data/stdlib", help="directory with train.bin, val.bin, meta.json "

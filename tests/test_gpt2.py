@@ -8,7 +8,6 @@ from safetensors.torch import save_file
 
 import errors
 import gpt2
-import sample
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,27 +109,6 @@ def test_last_only_logits_are_the_last_row_of_the_full_logits(hf_model, idx, tmp
     assert last.shape == prefill.shape == step.shape == (2, 1, HF_CONFIG["vocab_size"])
     for got, row in ((last, full.size(1) - 1), (prefill, 49), (step, 50)):
         assert (got - full[:, row:row + 1]).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_generate_tokens_are_those_of_the_full_logits(hf_model, idx, tmp_path, use_cache):
-    model = gpt2.GPT.from_pretrained(str(write_official(hf_model, tmp_path / "ckpt"))).eval()
-    prompt = idx[:, :20]
-    for sampling in (dict(temperature=0), dict(temperature=1.0, top_k=20, top_p=0.9)):
-        got = sample.generate(model, prompt, 30, use_cache=use_cache, generator=torch.Generator().manual_seed(3),
-                              **sampling)
-        ref = tokens_from_full_logits(model, prompt, 30, torch.Generator().manual_seed(3), **sampling)
-        assert torch.equal(torch.stack(list(got), dim=1), ref)
-
-
-def tokens_from_full_logits(model, prompt, n, generator, **sampling):
-    """What sample.generate returned before last_only: every position's logits, recomputed at every step."""
-    seq = prompt
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = sample.sample_next(model(seq)[0][:, -1], generator=generator, **sampling)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-    return seq[:, prompt.size(1):]
 
 
 def test_saved_checkpoint_loads_in_transformers(tmp_path):

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 import checkpoint_io
 import errors
 import llama3
-import sample
 
 transformers = pytest.importorskip("transformers")
 
@@ -291,26 +290,6 @@ def test_last_only_logits_are_the_last_row_of_the_full_logits(models, idx, tmp_p
     assert last.shape == prefill.shape == step.shape == (2, 1, BASE["vocab_size"])
     for got, row in ((last, T - 1), (prefill, 199), (step, 200)):
         assert max_diff(got, full[:, row:row + 1]) <= 1e-5
-
-
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_generate_tokens_are_those_of_the_full_logits(models, idx, tmp_path, use_cache):
-    model = ours(write_hf(models["3.1"][0], CONFIGS["3.1"], tmp_path / "hf"))
-    prompt = idx[:, :40]
-    for sampling in (dict(temperature=0), dict(temperature=1.0, top_k=20, top_p=0.9)):
-        got = sample.generate(model, prompt, 30, use_cache=use_cache, generator=torch.Generator().manual_seed(3),
-                              **sampling)
-        ref = tokens_from_full_logits(model, prompt, 30, torch.Generator().manual_seed(3), **sampling)
-        assert torch.equal(torch.stack(list(got), dim=1), ref)
-
-
-def tokens_from_full_logits(model, prompt, n, generator, **sampling):
-    """What sample.generate returned before last_only: every position's logits, recomputed at every step."""
-    seq = prompt
-    for _ in range(n):
-        nxt = sample.sample_next(logits_of(model, seq)[:, -1], generator=generator, **sampling)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-    return seq[:, prompt.size(1):]
 
 
 # ---- our checkpoints in transformers

@@ -7,16 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import bpe
 import errors
 import gpt2
+import llama3
 import prepare_data
 import sample
 import train
+
+from conftest import randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,6 +56,29 @@ def test_cache_and_no_cache_generate_the_same_tokens():
     a = torch.stack(list(sample.generate(model, prompt, 30, temperature=1.0, top_k=50, generator=g1)), 1)
     b = torch.stack(list(sample.generate(model, prompt, 30, temperature=1.0, top_k=50, generator=g2, use_cache=False)), 1)
     assert torch.equal(a, b)
+
+
+def tiny_llama(seed=0):
+    model = llama3.Llama(llama3.Config(vocab_size=257, block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                       eos_token_id=256)).eval()
+    return randomize(model, seed=seed, scale=0.3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_asks_for_the_last_logits_and_picks_the_tokens_of_the_full_ones(family, use_cache):
+    """generate passes last_only=True; the tokens are those of recomputing every position's logits each step."""
+    model = tiny_model() if family == "gpt2" else tiny_llama()
+    prompt = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    for sampling in (dict(temperature=0), dict(temperature=1.0, top_k=20, top_p=0.9)):
+        got = sample.generate(model, prompt, 30, use_cache=use_cache, generator=torch.Generator().manual_seed(3),
+                              **sampling)
+        seq, generator = prompt, torch.Generator().manual_seed(3)
+        for _ in range(30):
+            with torch.no_grad():
+                nxt = sample.sample_next(model(seq)[0][:, -1], generator=generator, **sampling)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+        assert torch.equal(torch.stack(list(got), dim=1), seq[:, prompt.size(1):])
 
 
 def test_greedy_equals_transformers_generate(tmp_path):

@@ -18,8 +18,9 @@ TINY = ["--model", "gpt2", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", 
         "--seq_len", "32", "--batch_size", "8", "--sample_tokens", "0", "--log_interval", "1", "--threads", "1"]
 
 
-def make_data(directory, n_train=40_000, n_val=4_000, vocab_size=257):
-    """Byte-level token shards of real text (this repo's own sources), in prepare_data.py's format."""
+def make_data(directory, n_train=40_000, n_val=4_000, vocab_size=257, token_bytes=True):
+    """Byte-level token shards of real text (this repo's own sources), in prepare_data.py's format; token_bytes:
+    with the byte count of each id (1 for the 256 bytes, 0 above), from which train.py reports val_bpb."""
     directory.mkdir(parents=True, exist_ok=True)
     text = b"".join(p.read_bytes() for p in sorted(ROOT.glob("*.py")))
     ids = np.frombuffer((text * (1 + (n_train + n_val) // len(text)))[:n_train + n_val], dtype=np.uint8)
@@ -27,8 +28,17 @@ def make_data(directory, n_train=40_000, n_val=4_000, vocab_size=257):
     ids.astype(np.uint16)[n_train:].tofile(directory / "val.bin")
     meta = {"vocab_size": vocab_size, "dtype": "uint16", "eot_id": 256 if vocab_size > 256 else None,
             "train_tokens": n_train, "val_tokens": n_val}
+    if token_bytes:
+        np.save(directory / "token_bytes.npy", (np.arange(vocab_size) < 256).astype(np.uint32))
+        meta["token_bytes"] = "token_bytes.npy"
     (directory / "meta.json").write_text(json.dumps(meta))
     return directory
+
+
+def evals(out_dir):
+    """The eval rows of metrics.jsonl, without their times: [{"step", "train_loss", "val_loss", "val_bpb"}]."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows if "val_loss" in r]
 
 
 def losses(out_dir):
@@ -67,6 +77,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == list(range(1, 13))
     assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]   # exact, not approximate
+    assert evals(tmp_path / "a") == evals(tmp_path / "b") and evals(tmp_path / "a")[-1]["val_bpb"] > 0
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -78,11 +89,14 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stderr[-3000:]
-        return losses(out)
-    one, two = torchrun(1, 8, tmp_path / "one"), torchrun(2, 4, tmp_path / "two")
+        return losses(out), evals(out)[-1]
+    (one, one_eval), (two, two_eval) = torchrun(1, 8, tmp_path / "one"), torchrun(2, 4, tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))
     # the same 8 sequences per step, split 4 + 4: equal up to float summation order
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5, atol=0)
+    # and the eval: val_bpb from the summed nats and bytes of both processes, not one's own ratio
+    for key in ("val_loss", "val_bpb"):
+        assert two_eval[key] == pytest.approx(one_eval[key], rel=1e-5)
 
 
 def test_grad_accum_equals_bigger_batch(data, tmp_path):

@@ -18,7 +18,7 @@ import torch
 import errors
 import gpt2
 import train
-from test_train import TINY, losses, make_data, run
+from test_train import TINY, evals, losses, make_data, run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
@@ -189,12 +189,7 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     run(REFERENCE + ["--data", str(data), "--out_dir", str(out)])
-    return losses(out), _evals(out)
-
-
-def _evals(out_dir):
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return losses(out), evals(out)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
@@ -219,9 +214,9 @@ def test_signal_saves_at_a_step_boundary_and_resume_is_exact(data, reference, tm
         assert saved >= at
         assert temp_files(tmp_path) == []
     assert cli(args + ["--resume"])[0] == 0
-    curve, evals = reference
+    curve, eval_rows = reference
     assert losses(tmp_path) == curve   # every step once, each loss exactly as in the uninterrupted run
-    assert _evals(tmp_path) == evals
+    assert evals(tmp_path) == eval_rows
 
 
 def test_signal_before_the_first_step_saves_nothing(data, tmp_path):
@@ -290,9 +285,9 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(data,
             gpt2.GPT.from_pretrained(str(tmp_path / "last"))
             torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)
     assert proc.returncode == 0 and kills >= 3
-    curve, evals = reference
+    curve, eval_rows = reference
     assert losses(tmp_path) == curve   # metrics.jsonl holds each step once, as in the uninterrupted run
-    assert _evals(tmp_path) == evals
+    assert evals(tmp_path) == eval_rows
     assert temp_files(tmp_path) == []
 
 

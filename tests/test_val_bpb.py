@@ -3,12 +3,10 @@ over their UTF-8 bytes, special tokens and ignored targets in neither sum), resu
 tokenizer for older datasets, and a malformed byte-count file is one line naming meta.json and its key."""
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,14 +16,9 @@ import bpe
 import hub
 import train
 from errors import BadInput
-from test_train import ROOT, TINY, make_data, run
+from test_train import ROOT, TINY, evals, make_data, run
 
 EVAL = ["--eval_iters", "4"]
-
-
-def evals(out_dir):
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "val_loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -104,29 +97,6 @@ def test_val_bpb_equals_an_independent_computation(bpe_data, tmp_path, capsys):
                      rf"{row['val_bpb']:.4f}( \(best\))?$", out, re.M), out
 
 
-def test_resume_reproduces_val_bpb(bpe_data, tmp_path):
-    common = TINY + ["--data", str(bpe_data), "--eval_interval", "3", "--eval_iters", "2", "--dropout", "0.1"]
-    run(common + ["--out_dir", str(tmp_path / "a"), "--max_steps", "6"])
-    run(common + ["--out_dir", str(tmp_path / "b"), "--max_steps", "3"])
-    run(common + ["--out_dir", str(tmp_path / "b"), "--max_steps", "6", "--resume"])
-    a, b = ([(r["step"], r["val_loss"], r["val_bpb"]) for r in evals(tmp_path / d)] for d in "ab")
-    assert [s for s, _, _ in a] == [3, 6] and a == b   # exact, not approximate
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_torchrun_two_processes_give_the_val_bpb_of_one(bpe_data, tmp_path):
-    def torchrun(n, batch, out):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "train.py",
-               *TINY, "--batch_size", str(batch), "--data", str(bpe_data), "--out_dir", str(out), "--max_steps", "2",
-               "--eval_interval", "2", "--eval_iters", "2", "--device", "cpu"]
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert res.returncode == 0, res.stderr[-3000:]
-        return evals(out)[-1]["val_bpb"]
-    # the same 8 eval sequences, 4 + 4: the summed nats and bytes of both processes, not one's own ratio
-    assert torchrun(2, 4, tmp_path / "two") == pytest.approx(torchrun(1, 8, tmp_path / "one"), rel=1e-5)
-
-
 def test_a_dataset_without_byte_counts(bpe_data, tmp_path, capsys):
     """Prepared before prepare_data wrote token_bytes: counted once from its tokenizer/, the same val_bpb; with no
     tokenizer of its ids, val_bpb is left out and the run goes on."""
@@ -146,7 +116,7 @@ def test_a_dataset_without_byte_counts(bpe_data, tmp_path, capsys):
     shutil.rmtree(other / "tokenizer")
     (other / "tokenizer").mkdir()
     bpe.train("", 257, special_tokens=["<|endoftext|>"]).save(other / "tokenizer" / bpe.SAVE_NAME)
-    bytes_only = make_data(tmp_path / "bytes")   # no tokenizer/ at all
+    bytes_only = make_data(tmp_path / "bytes", token_bytes=False)   # no tokenizer/ at all
     for d in (other, bytes_only):
         capsys.readouterr()
         assert run(common + ["--data", str(d), "--out_dir", str(tmp_path / f"run_{d.name}")])[1] == 0
