@@ -56,10 +56,6 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
                   "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
-class TrainingError(BadInput):
-    """A run that cannot go on (a NaN loss, a checkpoint that cannot be written): one line, like bad input."""
-
-
 # Flags that may change between a run and its --resume: how long it goes on, how often it logs, evaluates and
 # saves, and where it runs. Everything else (optimization, data order, architecture) must match the checkpoint's
 # run, or the resumed run would not be the run it continues; batch_size and grad_accum may trade places as long
@@ -306,7 +302,7 @@ class TokenData:
         directory = Path(directory)
         self.meta = meta or read_meta(directory)
         if self.meta["vocab_size"] > vocab_size:
-            raise TrainingError(f"--data {directory}: tokenizer vocabulary {self.meta['vocab_size']} exceeds the "
+            raise BadInput(f"--data {directory}: tokenizer vocabulary {self.meta['vocab_size']} exceeds the "
                                 f"model's vocab_size {vocab_size}")
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.paths = {split: directory / f"{split}.bin" for split in ("train", "val")}
@@ -322,7 +318,7 @@ class TokenData:
                 raise BadInput(f"--data {path}: {size:,} bytes, but meta.json says {expected:,} {self.meta['dtype']} "
                                f"tokens ({expected * itemsize:,} bytes): a shard of another run? prepare it again")
             if n <= seq_len + 1:
-                raise TrainingError(f"--data {path}: {n} tokens, fewer than --seq_len + 2 = {seq_len + 2}")
+                raise BadInput(f"--data {path}: {n} tokens, fewer than --seq_len + 2 = {seq_len + 2}")
             if self.masks and (not self.masks[split].is_file() or self.masks[split].stat().st_size != n):
                 raise BadInput(f"--data {self.masks[split]}: missing or not one byte per token of {path.name}")
 
@@ -335,7 +331,7 @@ class TokenData:
         ix = ix[part * batch_size:(part + 1) * batch_size]
         chunk = torch.stack([torch.from_numpy(data[i:i + self.seq_len + 1].astype(np.int64)) for i in ix.tolist()])
         if chunk.max() >= self.vocab_size:
-            raise TrainingError(f"--data {self.paths[split]}: token id {int(chunk.max())} is beyond the model's "
+            raise BadInput(f"--data {self.paths[split]}: token id {int(chunk.max())} is beyond the model's "
                                 f"vocab_size {self.vocab_size}")
         x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()   # (B, T) inputs, (B, T) targets
         if self.masks:
@@ -475,7 +471,7 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
             shutil.rmtree(tmp, ignore_errors=True)
             kept = f"the last good checkpoint {last} -> {os.readlink(last)} is kept" if last.is_symlink() else \
                 "no checkpoint was saved before"
-            raise TrainingError(f"saving {final}: {os_error_line(e)}; {kept}") from None
+            raise BadInput(f"saving {final}: {os_error_line(e)}; {kept}") from None
         stale = out_dir / f".stale-{final.name}-{os.getpid()}"
         if final.exists():   # a stale one of this step from an earlier run: move it aside, never delete first
             os.replace(final, stale)
@@ -636,7 +632,7 @@ def _train(args, module, master):
             dist.barrier()
         reshaping = set(args.model_overrides) - {"dropout"}
         if reshaping:
-            raise TrainingError(f"--init_from {args.init_from}: cannot change {sorted(reshaping)} of pretrained "
+            raise BadInput(f"--init_from {args.init_from}: cannot change {sorted(reshaping)} of pretrained "
                                 f"weights (only --dropout)")
         if "dropout" in args.model_overrides:
             _set_dropout(model, args.model_overrides["dropout"])
@@ -651,7 +647,7 @@ def _train(args, module, master):
         model = module.Model(config)
     config = model.config
     if args.seq_len > config.block_size:
-        raise TrainingError(f"--seq_len {args.seq_len} exceeds the model's context length {config.block_size}")
+        raise BadInput(f"--seq_len {args.seq_len} exceeds the model's context length {config.block_size}")
     for name in ("bos_token_id", "eos_token_id"):
         ids = getattr(config, name, None)
         for i in ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]:
@@ -769,7 +765,7 @@ def _train(args, module, master):
                 dist.all_reduce(loss_sum)
             step_loss = loss_sum.item() / (args.grad_accum * world)
             if not math.isfinite(step_loss):
-                raise TrainingError(f"loss is {step_loss} at step {step + 1}: stopped; the last good checkpoint "
+                raise BadInput(f"loss is {step_loss} at step {step + 1}: stopped; the last good checkpoint "
                                     f"is {out_dir / 'last'}" + ("" if (out_dir / "last").exists() else " (none yet)"))
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)

@@ -118,19 +118,19 @@ def test_unknown_model():
 
 def test_dataset_shorter_than_block(tmp_path):
     d = make_data(tmp_path / "d", n_train=20, n_val=200)
-    with pytest.raises(train.TrainingError, match=r"train.bin: 20 tokens, fewer than --seq_len \+ 2 = 34"):
+    with pytest.raises(train.BadInput, match=r"train.bin: 20 tokens, fewer than --seq_len \+ 2 = 34"):
         run(TINY + ["--data", str(d), "--out_dir", str(tmp_path / "o")])
 
 
 def test_token_ids_beyond_vocabulary(tmp_path):
     d = make_data(tmp_path / "d", vocab_size=100)   # bytes above 99 occur in the data
-    with pytest.raises(train.TrainingError, match="is beyond the model's vocab_size 100"):
+    with pytest.raises(train.BadInput, match="is beyond the model's vocab_size 100"):
         run(TINY + ["--data", str(d), "--out_dir", str(tmp_path / "o"), "--max_steps", "2"])
 
 
 def test_tokenizer_larger_than_model(data, tmp_path):
     gpt2.GPT(gpt2.Config(vocab_size=200, block_size=64, n_layer=1, n_head=1, n_embd=8)).save_pretrained(tmp_path / "m")
-    with pytest.raises(train.TrainingError, match="tokenizer vocabulary 257 exceeds the model's vocab_size 200"):
+    with pytest.raises(train.BadInput, match="tokenizer vocabulary 257 exceeds the model's vocab_size 200"):
         run(TINY[:2] + ["--data", str(data), "--init_from", str(tmp_path / "m"), "--out_dir", str(tmp_path / "o"),
                         "--seq_len", "32"])
 
@@ -146,7 +146,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
                 loss = loss * float("nan")
         return logits, loss
     monkeypatch.setattr(gpt2.GPT, "forward", poisoned)
-    with pytest.raises(train.TrainingError, match="loss is nan at step 7: stopped; the last good checkpoint"):
+    with pytest.raises(train.BadInput, match="loss is nan at step 7: stopped; the last good checkpoint"):
         run(TINY + ["--data", str(data), "--out_dir", str(tmp_path), "--max_steps", "20", "--eval_interval", "5",
                     "--eval_iters", "1"])
     state = torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)
