@@ -700,13 +700,14 @@ def _train(args, module, master):
                     continue
                 x, y = x.to(device), y.to(device)
                 with torch.no_grad(), autocast:
-                    logits, loss = model(x, y)
-                total[:2] += torch.stack([loss.float(), torch.ones((), device=device)])
+                    logits, _ = model(x)
+                # per-token losses, once: their mean is the batch loss, and val_bpb sums them
+                nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                         ignore_index=-100, reduction="none")    # (B*T,)
+                total[:2] += torch.stack([nats.sum() / (y != -100).sum(), torch.ones((), device=device)])
                 if split == "val" and token_bytes is not None:
                     # as nanochat: a target without bytes (a special token, -100 outside a reply) is in neither sum
                     n_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0).flatten()
-                    nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                                             ignore_index=-100, reduction="none")
                     total[2:] += torch.stack([(nats * (n_bytes > 0)).sum(), n_bytes.sum().float()])
             if ddp:
                 dist.all_reduce(total)
