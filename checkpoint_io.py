@@ -151,6 +151,27 @@ def check_complete(expected, state, where):
             raise BadInput(f"{where}: weights lack key {key!r} (expected shape {tuple(expected[key])})")
 
 
+def load_pth_shards(paths):
+    """The state dicts of model-parallel torch shards (Meta's consolidated.NN.pth), which hold the same keys:
+    weights_only, since a pickle may otherwise run code; mmap, so each stays on disk until its tensors are copied.
+
+        >>> [sorted(s) for s in load_pth_shards([d / "consolidated.00.pth", d / "consolidated.01.pth"])]
+        [['layers.0.attention.wq.weight', ...], ['layers.0.attention.wq.weight', ...]]
+    """
+    shards = []
+    for p in paths:
+        try:
+            shards.append(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:   # a damaged or foreign file fails in many ways (zip, pickle, EOF, weights_only)
+            raise BadInput(f"{p}: not a readable weights-only torch checkpoint ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from None
+    for p, s in zip(paths[1:], shards[1:]):
+        if s.keys() != shards[0].keys():
+            raise BadInput(f"{p.parent}: {paths[0].name} and {p.name} hold different keys (e.g. "
+                           f"{sorted(s.keys() ^ shards[0].keys())[0]!r}); model-parallel shards hold the same")
+    return shards
+
+
 # ----------------------------------------------------------------------------- atomic files
 
 def _temp_name(path):

@@ -480,18 +480,7 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
     config = checkpoint_io.read_config(config_path, Config.from_hf if beside else
                                        lambda params: _config_from_params(params, rope_scale_factor))
     config.tie_word_embeddings = False   # until the weights show an output.weight equal to the embedding
-    shards = []
-    for p in paths:
-        try:
-            # weights_only: a pickle may otherwise run code; mmap: shards stay on disk until each tensor is copied
-            shards.append(torch.load(p, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:
-            raise errors.BadInput(f"{p}: not a readable weights-only torch checkpoint ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]})") from None
-    for p, s in zip(paths[1:], shards[1:]):
-        if s.keys() != shards[0].keys():
-            raise errors.BadInput(f"{meta_dir}: {paths[0].name} and {p.name} hold different keys (e.g. "
-                                  f"{sorted(s.keys() ^ shards[0].keys())[0]!r}); model-parallel shards hold the same")
+    shards = checkpoint_io.load_pth_shards(paths)
     names = _META_TOP_KEYS | {f"layers.{i}.{meta}": f"model.layers.{i}.{hf}" for i in range(config.n_layer)
                               for meta, hf in _META_LAYER_KEYS.items()}
     state, expected = {}, _expected_shapes(config)
