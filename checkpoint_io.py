@@ -247,6 +247,32 @@ def check_keys(d, kinds, required=(), prefix=""):
             raise ValueError(f"{prefix + key!r} is {d[key]!r:.60}: expected {_KINDS[kind][0]}")
 
 
+def hf_config(d, model_types):
+    """A config.json dict without its nulls (null stands for the default, as in transformers), once its model_type
+    (absent: the first) is one of model_types: {"model_type": "llama", "head_dim": None} -> {"model_type": "llama"}."""
+    if d.get("model_type", model_types[0]) not in model_types:
+        raise ValueError(f"model_type {d.get('model_type')!r}, expected {' or '.join(map(repr, model_types))}: these "
+                         f"are weights of another family, load them with that family's model file")
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def read_rope(d, kinds, required=None):
+    """The RoPE block of a config.json dict d, in the hub's spelling (rope_scaling, rope_theta beside it) or
+    transformers 5's (rope_parameters, rope_theta inside): (rope type, the block with rope_theta), keys checked.
+    kinds: {rope type: {key: kind}} for the types the model implements; required: {rope type: required keys}.
+    {"rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0}} -> ("yarn", {..., "rope_theta": 1e6})"""
+    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rope = d.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{key} is {rope!r:.60}: expected a JSON object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in kinds:
+        raise ValueError(f"{key}: rope type {rope_type!r:.60} is not one of the implemented "
+                         f"{', '.join(map(repr, kinds))}")
+    check_keys(rope, kinds[rope_type] | {"rope_theta": float}, (required or {}).get(rope_type, ()), key + ".")
+    return rope_type, {"rope_theta": d.get("rope_theta", 10000.0)} | rope
+
+
 def read_config(path, parse):
     """parse(the JSON object in path), for a model's config.json or params.json: BadInput naming the file when it
     holds no JSON object, or when parse raises ValueError (a key missing or out of range, a config the model

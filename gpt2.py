@@ -46,19 +46,16 @@ class Config:
     @classmethod
     def from_hf(cls, d):
         """From an official config.json dict (GPT2Config); ValueError naming the key it cannot take."""
-        d = {k: v for k, v in d.items() if v is not None}   # null stands for the default, as in transformers
-        if d.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"model_type {d.get('model_type')!r}, expected 'gpt2': these are weights of "
-                             f"another family, load them with that family's model file")
+        d = checkpoint_io.hf_config(d, ("gpt2",))
         required = ("vocab_size", "n_layer", "n_head", "n_embd")
         optional = dict.fromkeys(("n_positions", "n_ctx", "n_inner"), int) | dict(
             layer_norm_epsilon=float, resid_pdrop="rate", bos_token_id="ids", eos_token_id="ids")
         checkpoint_io.check_keys(d, dict.fromkeys(required, int) | optional, required)
         if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"activation_function {d['activation_function']!r:.60} is not GPT-2's tanh GELU")
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-            if d.get(flag):
-                raise ValueError(f"sets {flag}=true, which gpt2.py does not implement")
+        flags = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+        if flag := next((f for f in flags if d.get(f)), None):
+            raise ValueError(f"sets {flag}=true, which gpt2.py does not implement")
         if d.get("scale_attn_weights") is False:
             raise ValueError("sets scale_attn_weights=false, which gpt2.py does not implement")
         return cls(vocab_size=d["vocab_size"], block_size=d.get("n_positions", d.get("n_ctx", 1024)),
@@ -104,8 +101,7 @@ class KVCache:
     def update(self, pos, k, v):
         # k, v: (B, nh, T, hd) for positions pos..pos+T-1; returns every cached position so far
         T = k.size(2)
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
+        self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
 
 
@@ -206,9 +202,8 @@ class GPT(nn.Module):
             x = block(x, cache[i] if cache is not None else None, pos)
         x = x[:, -1:] if last_only else x                                   # (B, 1, C) or (B, T, C)
         logits = self.lm_head(self.ln_f(x))                                 # (B, 1, V) or (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+        loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                                             ignore_index=-100)
         return logits, loss
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None):
@@ -216,8 +211,7 @@ class GPT(nn.Module):
         c = self.config
         if max_len > c.block_size:
             raise ValueError(f"cache length {max_len} exceeds the context length block_size={c.block_size}")
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
+        device, dtype = device or self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
         return [KVCache(batch_size, c.n_head, max_len, c.n_embd // c.n_head, device, dtype) for _ in range(c.n_layer)]
 
     def num_params(self, active=False):
@@ -248,14 +242,12 @@ class GPT(nn.Module):
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, directory):
-        """Write config.json + model.safetensors in the official layout (a tied head is written once, as the
-        embedding; the projections as Conv1D [in, out])."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write config.json + model.safetensors in the official layout (a tied head once, as the embedding;
+        the projections as Conv1D [in, out])."""
         keys = _expected_shapes(self.config)
-        state = {k: v.t() if k.endswith(_CONV1D) else v for k, v in self.state_dict().items() if k in keys}
-        checkpoint_io.save_safetensors(state, directory)
-        checkpoint_io.write_json(directory / "config.json", self.config.to_hf())
+        checkpoint_io.save_safetensors({k: v.t() if k.endswith(_CONV1D) else v for k, v in self.state_dict().items()
+                                        if k in keys}, directory)
+        checkpoint_io.write_json(Path(directory) / "config.json", self.config.to_hf())
 
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

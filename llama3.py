@@ -4,15 +4,13 @@ Grattafiori et al. 2024, "The Llama 3 Herd of Models". Against GPT-2 (gpt2.py), 
   - RMSNorm instead of LayerNorm (Zhang & Sennrich 2019): no mean subtraction, no bias, computed in fp32;
   - rotary position embeddings (RoPE, Su et al. 2021) on q and k instead of a learned position table; from 3.1
     on, the low frequencies are stretched by a scale factor so that the context grows from 8K to 128K;
-  - grouped-query attention (GQA, Ainslie et al. 2023): n_kv_head key/value heads, each serving
-    n_head / n_kv_head consecutive query heads, which shrinks the KV cache by that ratio;
+  - grouped-query attention (GQA, Ainslie et al. 2023): n_head / n_kv_head query heads share a KV head;
   - a SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)); no biases anywhere;
   - a separate LM head, except in 3.2 1B/3B, which tie it to the token embedding.
 
-Weights come in two official layouts, both read here: Hugging Face's (config.json + sharded safetensors, the
-one we also write) and Meta's original one (original/consolidated.NN.pth + params.json). They differ in how
-each head's rotary pairs are laid out: Meta rotates interleaved pairs (x0, x1), (x2, x3), ...; HF rotates
-halves (x_i, x_{i + hd/2}). The loader permutes Meta's q and k rows into HF's order once, at load time.
+Weights are read in both official layouts: Hugging Face's (config.json + sharded safetensors; we write it too)
+and Meta's (original/consolidated.NN.pth + params.json), whose q and k rows pair rotary dims interleaved
+(x0, x1), (x2, x3), ... where HF pairs halves (x_i, x_{i + hd/2}): the loader permutes them once, at load time.
 """
 import math
 from dataclasses import dataclass
@@ -54,25 +52,20 @@ class Config:
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
-        if self.head_dim is None:
-            if self.n_embd % self.n_head:
-                raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head} (or give head_dim)")
-            self.head_dim = self.n_embd // self.n_head
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head} (or give head_dim)")
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even: RoPE rotates pairs of dimensions")
-        if self.intermediate_size is None:
-            self.intermediate_size = ffn_width(self.n_embd)
+        self.intermediate_size = self.intermediate_size or ffn_width(self.n_embd)
 
     @classmethod
     def from_hf(cls, d):
         """From an official config.json dict (LlamaConfig); ValueError naming the key it cannot take.
         RoPE comes in the hub's spelling (rope_theta + rope_scaling) or in transformers 5's (rope_parameters)."""
-        d = {k: v for k, v in d.items() if v is not None}   # null stands for the default, as in transformers
-        if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"model_type {d.get('model_type')!r}, expected 'llama': these are weights of "
-                             f"another family, load them with that family's model file")
+        d = checkpoint_io.hf_config(d, ("llama",))
         required = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
         optional = dict.fromkeys(("max_position_embeddings", "num_key_value_heads", "head_dim"), int) | dict(
             rms_norm_eps=float, rope_theta=float, attention_dropout="rate", tie_word_embeddings=bool,
@@ -80,30 +73,19 @@ class Config:
         checkpoint_io.check_keys(d, dict.fromkeys(required, int) | optional, required)
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d['hidden_act']!r:.60} is not Llama's silu (SwiGLU)")
-        for flag in ("attention_bias", "mlp_bias"):
-            if d.get(flag):
-                raise ValueError(f"sets {flag}=true, which llama3.py does not implement")
-        key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-        rope = d.get(key) or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"{key} is {rope!r:.60}: expected a JSON object")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{key}: rope type {rope_type!r:.60}: llama3.py implements 'default' and 'llama3'")
-        scaled = rope_type == "llama3"
-        checkpoint_io.check_keys(rope, dict(factor=float, low_freq_factor=float, high_freq_factor=float,
-                                            rope_theta=float, original_max_position_embeddings=int),
-                                 ["factor"] if scaled else [], key + ".")
-        max_pos = d.get("max_position_embeddings", 2048)
+        if flag := next((f for f in ("attention_bias", "mlp_bias") if d.get(f)), None):
+            raise ValueError(f"sets {flag}=true, which llama3.py does not implement")
+        rope_type, rope = checkpoint_io.read_rope(d, {"default": {}, "llama3": dict(
+            factor=float, low_freq_factor=float, high_freq_factor=float, original_max_position_embeddings=int)},
+            {"llama3": ["factor"]})
+        max_pos = d.get("max_position_embeddings", 2048)   # also the original context when none is given
         scaling = dict(rope_scale_factor=rope["factor"], rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
-                       rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
-                       # transformers falls back to max_position_embeddings when the original context is absent
-                       rope_original_context=rope.get("original_max_position_embeddings", max_pos)) if scaled else {}
+                       rope_high_freq_factor=rope.get("high_freq_factor", 4.0), rope_original_context=rope.get(
+                           "original_max_position_embeddings", max_pos)) if rope_type == "llama3" else {}
         return cls(vocab_size=d["vocab_size"], block_size=max_pos, n_layer=d["num_hidden_layers"],
                    n_head=d["num_attention_heads"], n_kv_head=d.get("num_key_value_heads", d["num_attention_heads"]),
                    n_embd=d["hidden_size"], head_dim=d.get("head_dim"), intermediate_size=d["intermediate_size"],
-                   rms_norm_eps=d.get("rms_norm_eps", 1e-6), **scaling,
-                   rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+                   rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope["rope_theta"], **scaling,
                    tie_word_embeddings=d.get("tie_word_embeddings", False), dropout=d.get("attention_dropout", 0.0),
                    bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
 
@@ -114,24 +96,21 @@ class Config:
             "high_freq_factor": self.rope_high_freq_factor,
             "original_max_position_embeddings": self.rope_original_context}
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab_size, "max_position_embeddings": self.block_size,
-            "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
-            "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": rope_scaling,
-            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-            "attention_dropout": self.dropout, "initializer_range": 0.02,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "torch_dtype": "float32",
-        }
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.block_size, "hidden_size": self.n_embd,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling, "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": self.dropout, "initializer_range": 0.02,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "torch_dtype": "float32"}
 
 
 def ffn_width(dim, multiple_of=256, ffn_dim_multiplier=None):
     """Meta's SwiGLU width: 2/3 of 4*dim (so the three matrices cost what GPT's two do), times an optional
     multiplier, rounded up to a multiple. ffn_width(4096, 1024, 1.3) == 14336 (8B); ffn_width(128) == 512."""
     hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
+    hidden = hidden if ffn_dim_multiplier is None else int(ffn_dim_multiplier * hidden)
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
@@ -163,18 +142,16 @@ HUB_IDS = {name: f"meta-llama/{repo}" for name, (repo, _) in _SIZES.items()}
 
 
 def rope_frequencies(config):
-    """The rotary inverse frequencies theta^(-2i/hd), i = 0..hd/2-1, with Llama 3.1's scaling when configured:
-    frequencies whose wavelength exceeds original_context / low_freq_factor are divided by the factor, those
-    shorter than original_context / high_freq_factor are kept, and the band between is blended linearly in
-    original_context / wavelength (Meta's apply_scaling; transformers' "llama3" rope type). For the 8B, the
-    1st of 64 frequencies is kept (wavelength 6.3 tokens), the last divided by 8 (wavelength 2.6M tokens).
-    Always fp32: a bf16 frequency (3 significant digits) would put position 100000's angle ~200 radians off."""
+    """The rotary inverse frequencies theta^(-2i/hd), i = 0..hd/2-1, with Llama 3.1's scaling when configured
+    (Meta's apply_scaling): wavelengths over original_context / low_freq_factor are stretched by the factor, those
+    under original_context / high_freq_factor kept, the band between blended (8B: the 1st of 64 kept, wavelength
+    6.3 tokens; the last divided by 8, 2.6M tokens). Always fp32: bf16 would put position 100000 ~200 rad off."""
     hd = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2).float() / hd))   # (hd/2,)
     if config.rope_scale_factor is None:
         return inv_freq
-    factor, low, high = config.rope_scale_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
-    context = config.rope_original_context
+    factor, low, high, context = (config.rope_scale_factor, config.rope_low_freq_factor,
+                                  config.rope_high_freq_factor, config.rope_original_context)
     wavelen = 2 * math.pi / inv_freq
     smooth = (context / wavelen - low) / (high - low)   # 0 at the band's long end, 1 at its short end
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
@@ -214,8 +191,7 @@ class KVCache:
     def update(self, pos, k, v):
         # k, v: (B, nh, T, hd) for positions pos..pos+T-1; returns every cached position so far
         T = k.size(2)
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
+        self.k[:, :, pos:pos + T], self.v[:, :, pos:pos + T] = k, v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
 
 
@@ -290,8 +266,7 @@ class Llama(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
             layers=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            norm=RMSNorm(config.n_embd, config.rms_norm_eps),
-        ))
+            norm=RMSNorm(config.n_embd, config.rms_norm_eps)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight   # one Parameter, as in 3.2 1B/3B
@@ -329,9 +304,8 @@ class Llama(nn.Module):
             x = block(x, cos, sin, cache[i] if cache is not None else None, pos)
         x = x[:, -1:] if last_only else x                                   # (B, 1, C) or (B, T, C)
         logits = self.lm_head(self.model.norm(x))                           # (B, 1, V) or (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+        loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                                             ignore_index=-100)
         return logits, loss
 
     def init_cache(self, batch_size, max_len, *, device=None, dtype=None):
@@ -339,8 +313,7 @@ class Llama(nn.Module):
         c = self.config
         if max_len > c.block_size:
             raise ValueError(f"cache length {max_len} exceeds the context length block_size={c.block_size}")
-        device = device or self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
+        device, dtype = device or self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
         # only the n_kv_head heads are cached: that is GQA's memory saving (the 8B caches 8 heads, not 32)
         return [KVCache(batch_size, c.n_kv_head, max_len, c.head_dim, device, dtype) for _ in range(c.n_layer)]
 
@@ -366,10 +339,8 @@ class Llama(nn.Module):
         directory = Path(hub.resolve(source if Path(source).is_dir() else HUB_IDS.get(source, source)))
         dtype = dtype or torch.float32
         meta_dir = _meta_dir(directory)
-        if meta_dir is None:
-            config, state = _load_hf(directory, dtype)
-        else:
-            config, state = _load_meta(meta_dir, directory, dtype, rope_scale_factor)
+        config, state = (_load_hf(directory, dtype) if meta_dir is None
+                         else _load_meta(meta_dir, directory, dtype, rope_scale_factor))
         if rope_scale_factor is not None:
             config.rope_scale_factor = float(rope_scale_factor)
         with torch.device("meta"):
@@ -381,14 +352,10 @@ class Llama(nn.Module):
         return model.to(device) if device is not None else model
 
     def save_pretrained(self, directory):
-        """Write config.json + model.safetensors in the official layout (a tied head is written once, as the
-        embedding)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write config.json + model.safetensors in the official layout (a tied head once, as the embedding)."""
         keys = _expected_shapes(self.config)
-        state = {k: v for k, v in self.state_dict().items() if k in keys}
-        checkpoint_io.save_safetensors(state, directory)
-        checkpoint_io.write_json(directory / "config.json", self.config.to_hf())
+        checkpoint_io.save_safetensors({k: v for k, v in self.state_dict().items() if k in keys}, directory)
+        checkpoint_io.write_json(Path(directory) / "config.json", self.config.to_hf())
 
 
 def _expected_shapes(config):
@@ -414,13 +381,11 @@ def _load_hf(directory, dtype):
 # -----------------------------------------------------------------------------------------------------------
 # Meta's original format: consolidated.NN.pth (one per model-parallel rank) + params.json + tokenizer.model
 
-_META_LAYER_KEYS = {
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
+_META_LAYER_KEYS = {f"{meta}.weight": f"{hf}.weight" for meta, hf in (   # Meta's name in a layer -> HF's
+    ("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+    ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+    ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w2", "mlp.down_proj"), ("feed_forward.w3", "mlp.up_proj"),
+    ("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"))}
 _META_TOP_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                   "output.weight": "lm_head.weight"}
 
@@ -443,9 +408,8 @@ def _config_from_params(params, rope_scale_factor):
     scale factor (taken from the argument, else from the official size with these dimensions)."""
     params = {k: v for k, v in params.items() if v is not None}   # null stands for the default, as in from_hf
     required = ("dim", "n_layers", "n_heads", "vocab_size")
-    optional = dict.fromkeys(("n_kv_heads", "multiple_of"), int) | dict(
-        ffn_dim_multiplier=float, norm_eps=float, rope_theta=float, use_scaled_rope=bool)
-    checkpoint_io.check_keys(params, dict.fromkeys(required, int) | optional, required)
+    checkpoint_io.check_keys(params, dict.fromkeys(required + ("n_kv_heads", "multiple_of"), int) | dict(
+        ffn_dim_multiplier=float, norm_eps=float, rope_theta=float, use_scaled_rope=bool), required)
     dim, n_heads = params["dim"], params["n_heads"]
     config = Config(vocab_size=params["vocab_size"], block_size=8192, n_layer=params["n_layers"], n_head=n_heads,
                     n_kv_head=params.get("n_kv_heads", n_heads), n_embd=dim,
@@ -455,14 +419,13 @@ def _config_from_params(params, rope_scale_factor):
         config.bos_token_id, config.eos_token_id = 128000, list(_STOP)
     if params.get("use_scaled_rope"):
         dims = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size")
-        official = next((p for p in PRESETS.values()
-                         if p.rope_scale_factor and all(getattr(p, f) == getattr(config, f) for f in dims)), None)
-        if rope_scale_factor is None and official is None:
-            raise ValueError("sets use_scaled_rope, but Meta's format does not store the RoPE scale factor (8 for "
-                             "Llama 3.1/3.3, 32 for 3.2 1B/3B), no config.json is beside it and no official size has "
-                             "these dimensions: pass it, e.g. Llama.from_pretrained(path, rope_scale_factor=32)")
-        config.block_size = 131072   # 3.1 and later: 128K
-        config.rope_scale_factor = float(rope_scale_factor or official.rope_scale_factor)
+        official = [p.rope_scale_factor for p in PRESETS.values()
+                    if p.rope_scale_factor and all(getattr(p, f) == getattr(config, f) for f in dims)]
+        if rope_scale_factor is None and not official:
+            raise ValueError("sets use_scaled_rope, but Meta's format does not store the RoPE scale factor (8 for 3.1/"
+                             "3.3, 32 for 3.2 1B/3B), no config.json is beside it and no official size has these "
+                             "dimensions: pass it, e.g. Llama.from_pretrained(path, rope_scale_factor=32)")
+        config.block_size, config.rope_scale_factor = 131072, float(rope_scale_factor or official[0])   # 128K
     return config
 
 
@@ -472,17 +435,15 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
     paths = sorted(meta_dir.glob("consolidated.*.pth"))
     beside = [p / "config.json" for p in (directory, meta_dir.parent) if (p / "config.json").exists()]
     config_path = beside[0] if beside else meta_dir / "params.json"
-    if not config_path.exists():
-        raise errors.BadInput(f"{meta_dir}: Meta checkpoint without params.json (the architecture: dim, "
-                              f"n_layers, n_heads, ...); copy it from the release beside consolidated.00.pth")
-    if not paths:
-        raise errors.BadInput(f"{meta_dir}: params.json but no consolidated.NN.pth weights")
+    if not config_path.exists() or not paths:
+        raise errors.BadInput(f"{meta_dir}: " + ("params.json but no consolidated.NN.pth weights" if not paths else
+                                                 "Meta checkpoint without params.json (dim, n_layers, n_heads, ...)"))
     config = checkpoint_io.read_config(config_path, Config.from_hf if beside else
                                        lambda params: _config_from_params(params, rope_scale_factor))
     config.tie_word_embeddings = False   # until the weights show an output.weight equal to the embedding
-    shards = checkpoint_io.load_pth_shards(paths)
-    names = _META_TOP_KEYS | {f"layers.{i}.{meta}": f"model.layers.{i}.{hf}" for i in range(config.n_layer)
-                              for meta, hf in _META_LAYER_KEYS.items()}
+    shards, names = checkpoint_io.load_pth_shards(paths), _META_TOP_KEYS | {
+        f"layers.{i}.{meta}": f"model.layers.{i}.{hf}" for i in range(config.n_layer)
+        for meta, hf in _META_LAYER_KEYS.items()}
     state, expected = {}, _expected_shapes(config)
     for key in shards[0]:
         if key == "rope.freqs":
@@ -490,9 +451,8 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
         if key not in names:
             raise errors.BadInput(f"{paths[0]}: unexpected key {key!r}: not a Llama 3 checkpoint in Meta's format "
                                   f"with the {config_path.name} beside it")
-        # Model-parallel shards split each matrix along the dimension its rank owns: output rows (dim 0) for wq,
-        # wk, wv, w1, w3, output and tok_embeddings; input columns (dim 1) for wo and w2. Norms are replicated,
-        # and copied: a view would keep shard 0's whole map alive. One shard stays the mapped file, uncopied.
+        # Model-parallel shards split wo and w2 by input columns, the other matrices by output rows; norms are
+        # replicated, and copied (a view would keep shard 0's map alive). A single shard stays mapped, uncopied.
         parts = [s[key] for s in shards]
         tensor = (parts[0] if len(parts) == 1 else parts[0].clone() if key.endswith("norm.weight")
                   else torch.cat(parts, dim=1 if key.endswith(("wo.weight", "w2.weight")) else 0))
@@ -503,8 +463,7 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
     # 3.2 1B/3B tie the head to the embedding; Meta's files may still carry it as `output` (an equal copy)
     output, embed = state.pop("lm_head.weight", None), state.get("model.embed_tokens.weight")
     config.tie_word_embeddings = output is None or (embed is not None and torch.equal(output, embed))
-    if not config.tie_word_embeddings:
-        state["lm_head.weight"] = output
+    state |= {} if config.tie_word_embeddings else {"lm_head.weight": output}
     checkpoint_io.check_complete(_expected_shapes(config), state, meta_dir)
     return config, state
 
@@ -514,18 +473,16 @@ def _load_meta(meta_dir, directory, dtype, rope_scale_factor):
 
 
 def encode_chat(tok, messages, add_generation_prompt=True):
-    """Token ids of a dialog in Llama 3's chat format (Meta's ChatFormat; the jinja template of the HF repos),
-    with no line breaks between the pieces:
+    """Token ids of a dialog in Llama 3's chat format (Meta's ChatFormat; the HF repos' template), no line breaks:
         <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nHi!<|eot_id|>
         <|start_header_id|>assistant<|end_header_id|>\\n\\n          <- the generation prompt
     tok: a bpe.py tokenizer with Llama 3's special tokens. messages: dicts with "role" and "content"; content is
     stripped, and special-token text inside it stays plain text (as in Meta's encode), so a user cannot forge a
     header. The model answers until <|eot_id|>."""
-    special = tok.special_tokens
     names = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-    if absent := [n for n in names if n not in special]:
+    if absent := [n for n in names if n not in tok.special_tokens]:
         raise errors.BadInput(f"the tokenizer lacks {', '.join(absent)}: not a Llama 3 tokenizer")
-    bos, start, end, eot = (special[n] for n in names)
+    bos, start, end, eot = (tok.special_tokens[n] for n in names)
 
     def header(role):
         return [start] + tok.encode(role, allowed_special="none") + [end] + tok.encode("\n\n", allowed_special="none")

@@ -408,7 +408,12 @@ def test_weights_of_another_family(models, tmp_path):
     (lambda c: c.update(rope_scaling=SCALING), "config.json: lacks key 'rope_scaling.factor'"),
     (lambda c: c.update(rope_scaling=SCALING | {"factor": -8}), "config.json: 'rope_scaling.factor' is -8: expected a"),
     (lambda c: c.update(tie_word_embeddings="false"), "config.json: 'tie_word_embeddings' is 'false': expected true"),
-], ids=["missing", "string", "indivisible", "rope-string", "rope-no-factor", "rope-negative", "bool-string"])
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}),
+     "config.json: rope_parameters: rope type 'yarn' is not one of the implemented 'default', 'llama3'"),
+    (lambda c: c.update(rope_scaling=SCALING | {"factor": 8.0, "rope_theta": "1e4"}),
+     "config.json: 'rope_scaling.rope_theta' is '1e4': expected a"),
+], ids=["missing", "string", "indivisible", "rope-string", "rope-no-factor", "rope-negative", "bool-string",
+        "rope-type", "rope-theta-string"])
 def test_bad_config_json_names_the_file_and_the_key(tmp_path, edit, message):
     config = dict(CONFIGS["3.0"])
     edit(config)

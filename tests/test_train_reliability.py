@@ -299,6 +299,7 @@ save, calls = checkpoint_io.save_safetensors, []
 def full(state, directory, **kw):
     calls.append(1)
     if len(calls) == 2:
+        directory.mkdir(parents=True, exist_ok=True)
         (directory / "model.safetensors").write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
     return save(state, directory, **kw)
