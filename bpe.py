@@ -19,10 +19,11 @@ cuts the text into chunks ("Hello", " world", "!") that merges never cross; a ch
   in every official file (other files are refused). A tiktoken ranks file gives every cut of a token into two.
 - tests/test_bpe*.py check each format token for token against tiktoken and HF; `to_tiktoken()` gives the same ids
   at native speed. Training updates pair counts only around each merge: as fast as HF's Rust trainer (bench/bpe.py).
-  `save_pretrained()` also writes HF's tokenizer.json + tokenizer_config.json, so that AutoTokenizer loads ours.
+  `save_pretrained()` writes HF's tokenizer.json + tokenizer_config.json too, so that AutoTokenizer loads ours.
 - `regex` knows Unicode 17.0, tiktoken and HF 16.0: characters assigned in 2025 may split differently in `encode()`
   than in `to_tiktoken()` or HF. In a pattern of your own, `$` also matches before a final newline, unlike Rust's.
-- Bad files raise errors.BadInput naming the file and the line or key; ValueError and TypeError are for misuse.
+- A SentencePiece tokenizer.model (Llama 2, Mistral, Gemma) loads as sentencepiece_tokenizer.SentencePieceTokenizer.
+  Bad files raise errors.BadInput naming the file and the line or key; ValueError and TypeError are for misuse.
 """
 import base64
 import codecs
@@ -40,9 +41,9 @@ import checkpoint_io
 from errors import BadInput
 
 SAVE_NAME = "tokenizer.bpe"
-# The files that make up a tokenizer in a model directory (copied beside checkpoints by prepare_data.py).
+_BINARY = re.compile(rb"[^\t\n\r -~]")   # a byte that no tiktoken ranks file (base64 text) holds, but protobuf does
 TOKENIZER_FILES = ("tokenizer.bpe", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer.model")
+                   "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer.model")   # prepare_data copies
 
 # -----------------------------------------------------------------------------------------------------------
 # Pre-tokenizer patterns, in the official (Rust/Oniguruma) syntax, which `regex` runs as written
@@ -57,8 +58,7 @@ PATTERNS = {
     "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
     # DeepSeek-V3 (tokenizer.json): three Split steps applied one after the other to each other's pieces.
     "deepseek_v3": (
-        r"""\p{N}{1,3}""",
-        r"""[一-龥\u3040-ゟ゠-ヿ]+""",
+        r"""\p{N}{1,3}""", r"""[一-龥\u3040-ゟ゠-ヿ]+""",
         r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
     ),
 }
@@ -326,8 +326,10 @@ class Tokenizer:
         checkpoint_io.atomic_write(Path(path), ("\n".join(lines) + "\n").encode("utf-8"))
 
     def save_pretrained(self, directory):
-        """tokenizer.bpe, and as HF's tokenizer.json + tokenizer_config.json: b" t" -> "Ġt", the pattern as a Split."""
-        self.save(Path(directory) / SAVE_NAME)
+        """tokenizer.bpe (if ours), and HF's tokenizer.json + tokenizer_config.json (also for GPT-2's official files,
+        which AutoTokenizer does not read): b" t" -> "Ġt", the pattern as a Split, the normalization as normalizers."""
+        if self._ours:
+            self.save(Path(directory) / SAVE_NAME)
         names = {i: s for s, i in self.special_tokens.items()}
         hf = {i: "".join(_BYTE_CHARS[b] for b in t) for i, t in self.vocab.items() if i not in names}
         splits = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False}
@@ -336,13 +338,14 @@ class Tokenizer:
         flags = dict.fromkeys(("single_word", "lstrip", "rstrip", "normalized"), False) | {"special": True}
         checkpoint_io.write_json(Path(directory) / "tokenizer.json", {"version": "1.0", "added_tokens": [
             {"id": i, "content": s, **flags} for s, i in self.special_tokens.items()],
+            "normalizer": {"type": "Sequence", "normalizers": [{"type": f} for f in self.normalization]},
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [*splits, byte_level]}, "decoder": byte_level,
-            "model": {"type": "BPE", "ignore_merges": True, "vocab": {s: i for i, s in hf.items()},
+            "model": {"type": "BPE", "ignore_merges": self.ignore_merges, "vocab": {s: i for i, s in hf.items()},
                       "merges": [[hf[a], hf[b]] for a, b in self.merges]}})
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-        config |= {key: names[i] for key, i in (("bos_token", self.bos_id), ("eos_token", (self.eos_ids or [None])[0]))
-                   if i in names}
-        checkpoint_io.write_json(Path(directory) / "tokenizer_config.json", config)
+        ends = {k: names[i] for k, i in (("bos_token", self.bos_id), ("eos_token", (self.eos_ids or [None])[0]))
+                if i in names}
+        checkpoint_io.write_json(Path(directory) / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **ends})
 
     def to_tiktoken(self):
         """A tiktoken.Encoding with the same ranks, pattern, special tokens (and normalization): same ids, fast."""
@@ -381,9 +384,8 @@ class StreamDecoder:
 
 def read_text(path):
     """Read a UTF-8 text file; invalid bytes raise BadInput naming the file and the byte offset."""
-    data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
+        return (data := Path(path).read_bytes()).decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadInput(f"{path}: not valid UTF-8 at byte offset {e.start} ({data[e.start:][:4]!r}...)") from None
 
@@ -399,10 +401,9 @@ def load(path):
         return _load_dir(path if path.is_dir() else path.parent)   # a directory, or one file of a pair
     if not path.is_file():
         raise BadInput(f"{path}: no such tokenizer file or model directory")
-    head = path.open("rb").read(64)
-    if head.startswith(b"bpe v"):
-        return _load_own(path)
-    return _load_tokenizer_json(path) if head.lstrip()[:1] == b"{" else _load_tiktoken_ranks(path)
+    head = path.open("rb").read(64)   # else a tokenizer.model: tiktoken's ranks, or a binary SentencePiece model
+    return (_load_own if head.startswith(b"bpe v") else _load_tokenizer_json if head.lstrip()[:1] == b"{"
+            else _load_tokenizer_model)(path)
 
 
 def _load_dir(d):
@@ -414,6 +415,8 @@ def _load_dir(d):
     ranks_file = next((f for f in (d / "tokenizer.model", d / "original" / "tokenizer.model") if f.is_file()), None)
     if (d / SAVE_NAME).is_file():
         tok = _load_own(d / SAVE_NAME)
+    elif ranks_file and _BINARY.search(ranks_file.open("rb").read(1024)):   # SentencePiece's, before HF's copy
+        tok = _load_tokenizer_model(ranks_file)
     elif (d / "tokenizer.json").is_file():
         tok = _load_tokenizer_json(d / "tokenizer.json")
     elif pair:
@@ -423,7 +426,7 @@ def _load_dir(d):
         tok = _load_vocab_merges(*pair, config)
     elif ranks_file:
         params = _read_json(ranks_file.parent / "params.json", optional=True)
-        tok = _load_tiktoken_ranks(ranks_file, llama_30=bool(params) and not params.get("use_scaled_rope"))
+        tok = _load_tokenizer_model(ranks_file, llama_30=bool(params) and not params.get("use_scaled_rope"))
     else:
         raise BadInput(f"{d}: no tokenizer found (looked for {SAVE_NAME}, tokenizer.json, vocab.json + "
                        f"merges.txt, encoder.json + vocab.bpe, tokenizer.model, original/tokenizer.model)")
@@ -433,10 +436,8 @@ def _load_dir(d):
     ids = {i for x in ids for i in (x if isinstance(x, list) else [x]) if isinstance(i, int) and i in tok.vocab}
     tok.eos_ids = sorted(set(tok.eos_ids or ()) | ids | ({eos} - {None})) or None
     model_bos = _read_json(d / "config.json", optional=True).get("bos_token_id")
-    if bos is not None:
-        tok.bos_id = bos
-    elif tok.bos_id is None and isinstance(model_bos, int) and model_bos in tok.vocab:
-        tok.bos_id = model_bos
+    if bos is not None or tok.bos_id is None and isinstance(model_bos, int) and model_bos in tok.vocab:
+        tok.bos_id = bos if bos is not None else model_bos
     if isinstance(config.get("add_bos_token"), bool):   # HF rebuilds its post-processor from this flag
         tok.add_bos = config["add_bos_token"]
     return tok
@@ -531,9 +532,8 @@ def _build_hf(vocab, merges, added, where, pattern, normalization, ignore_merges
             raise BadInput(f"{line}: expected a merge 'left right' or [left, right], got {str(m)[:60]!r}")
         left, right = parts
         a, b, made = (vocab.get(s) for s in (left, right, left + right))
-        for i, s in ((a, left), (b, right), (made, left + right)):
-            if tokens.get(i) is None:
-                raise BadInput(f"{line}: merge {left!r} {right!r} uses {s!r}, which is not in the vocabulary")
+        if s := next((s for i, s in ((a, left), (b, right), (made, left + right)) if tokens.get(i) is None), None):
+            raise BadInput(f"{line}: merge {left!r} {right!r} uses {s!r}, which is not in the vocabulary")
         if made < last and (a, b) not in pairs:   # HF keeps the first of duplicates
             raise BadInput(f"{line}: merge {left!r} {right!r} makes id {made}, below the id {last} an earlier "
                            f"merge makes; HF applies the list in order, bpe.py by the ids made (not supported)")
@@ -606,8 +606,7 @@ def _template_bos(post, added):
     """Does the post-processor put a special token before the text? -> (add_bos, its id):
     TemplateProcessing(single="<|begin_of_text|> $A") -> (True, 128000); None -> (False, None)."""
     for p in (post or {}).get("processors", [post] if post else []):
-        single = p.get("single") or []
-        if p.get("type") == "TemplateProcessing" and single and "SpecialToken" in single[0]:
+        if p.get("type") == "TemplateProcessing" and (single := p.get("single")) and "SpecialToken" in single[0]:
             name = single[0]["SpecialToken"]["id"]
             return True, ((p.get("special_tokens", {}).get(name) or {}).get("ids") or [added.get(name)])[0]
     return False, None
@@ -618,12 +617,13 @@ _LLAMA3_30 = {0: "begin_of_text", 1: "end_of_text", 6: "start_header_id", 7: "en
 _LLAMA3_31 = _LLAMA3_30 | {4: "finetune_right_pad_id", 5: "step_id", 8: "eom_id", 10: "python_tag", 11: "image"}
 
 
-def _load_tiktoken_ranks(path, llama_30=False):
-    """A tiktoken ranks file (Llama 3's tokenizer.model): one 'base64(token) rank' per line, Llama 3's pattern
-    and its 256 special tokens (3.1+ names; 3.0 names when params.json has no use_scaled_rope)."""
+def _load_tokenizer_model(path, llama_30=False):
+    """A tiktoken ranks file (Llama 3's tokenizer.model): one 'base64(token) rank' per line, Llama 3's pattern and
+    its 256 special tokens (3.1+ names; 3.0 names when params.json has no use_scaled_rope); or a SentencePiece one."""
     data = path.read_bytes()
-    if b"\x00" in data[:1024]:
-        raise BadInput(f"{path}: a binary file, not a tiktoken ranks file (a SentencePiece model? not supported)")
+    if _BINARY.search(data[:1024]):   # SentencePiece's protobuf (Llama 2, Mistral, Gemma), run by sentencepiece
+        import sentencepiece_tokenizer   # (which imports this module)
+        return sentencepiece_tokenizer.SentencePieceTokenizer(data, str(path))
     ranks = {}
     for n, line in enumerate(data.split(b"\n"), 1):
         try:

@@ -168,6 +168,7 @@ def get_tokenizer(spec, train_docs, vocab_size, gpt2_dir, tok_dir):
             tok = bpe.load(tok_dir)
         except BadInput as e:
             raise BadInput(str(e).replace(str(tok_dir), str(src))) from None
+        tok.save_pretrained(tok_dir)   # tokenizer.json too: AutoTokenizer does not read encoder.json + vocab.bpe
     else:
         src = Path(hub.resolve(spec, weights=False))   # a hub id: its tokenizer files, not gigabytes of weights
         tok = bpe.load(src)

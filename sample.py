@@ -184,7 +184,7 @@ def _model_type(path):
     return model_type
 
 
-def load(source, *, family=None, device="cpu", dtype=None, chat=False, **load_kwargs):
+def load(source, *, family=None, device="cpu", dtype=None, chat=False, no_thinking=False, **load_kwargs):
     """-> (module, model, tokenizer) for a checkpoint directory, hub id or preset; load_kwargs go to the
     model file's from_pretrained (e.g. rope_scale_factor for a Meta-format Llama). The cheap checks come before the
     weights: chat=True refuses a model file without a chat format, and the tokenizer is loaded first."""
@@ -192,6 +192,8 @@ def load(source, *, family=None, device="cpu", dtype=None, chat=False, **load_kw
     if chat and not hasattr(module, "encode_chat"):
         raise errors.BadInput(f"--chat: {module.__name__}.py has no chat format (encode_chat); chat with an "
                               f"instruct checkpoint of a family that has one")
+    if no_thinking and "enable_thinking" not in inspect.signature(module.encode_chat).parameters:
+        raise errors.BadInput(f"--no_thinking: {module.__name__}.py's chat format has no thinking to switch off")
     unknown = sorted(load_kwargs.keys() - inspect.signature(module.Model.from_pretrained).parameters.keys())
     if unknown:
         raise errors.BadInput(f"--{unknown[0]} does not apply to {module.__name__}.py checkpoints")
@@ -243,6 +245,7 @@ def stream(model, tok, ids, args, generator, out=None):
 def chat(module, model, tok, args, generator):
     """Interactive multi-turn chat with an instruct checkpoint; history is trimmed to fit the context."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    switch = {"enable_thinking": False} if args.no_thinking else {}   # Qwen3: the empty think block, then the answer
     print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -252,11 +255,11 @@ def chat(module, model, tok, args, generator):
         if not user.strip():
             return
         messages.append({"role": "user", "content": user})
-        ids = module.encode_chat(tok, messages)
+        ids = module.encode_chat(tok, messages, **switch)
         budget = model.config.block_size - args.max_new_tokens
         while len(ids) > budget and len(messages) > 1 + bool(args.system):
             del messages[bool(args.system)]   # drop the oldest turn, keep the system prompt
-            ids = module.encode_chat(tok, messages)
+            ids = module.encode_chat(tok, messages, **switch)
         reply = stream(model, tok, ids, args, generator)
         messages.append({"role": "assistant", "content": tok.decode(reply).strip()})
 
@@ -271,6 +274,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file")
     p.add_argument("--chat", action="store_true", help="interactive chat (instruct checkpoints)")
     p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--no_thinking", action="store_true", help="--chat with Qwen3: answer without thinking first")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -310,6 +314,8 @@ def validate(args):
                               f"reads each turn from the terminal")
     if args.system is not None and not args.chat:
         raise errors.BadInput("--system is the system prompt of --chat: add --chat, or put it in --prompt")
+    if args.no_thinking and not args.chat:
+        raise errors.BadInput("--no_thinking switches off a chat model's thinking: add --chat")
 
 
 def read_prompt(args):
@@ -337,7 +343,8 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     extra = {"rope_scale_factor": args.rope_scale_factor} if args.rope_scale_factor is not None else {}
-    module, model, tok = load(args.source, family=args.model, device=device, dtype=dtype, chat=args.chat, **extra)
+    module, model, tok = load(args.source, family=args.model, device=device, dtype=dtype, chat=args.chat,
+                              no_thinking=args.no_thinking, **extra)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.chat:
         return chat(module, model, tok, args, generator)

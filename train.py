@@ -61,6 +61,8 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 # run, or the resumed run would not be the run it continues; batch_size and grad_accum may trade places as long
 # as the global batch (batch_size x grad_accum x processes) stays the same, and --data may move if its tokenizer
 # does not change.
+# Config fields where 0 is meaningful: no experts (a dense model), no auxiliary loss, layer indices
+FROM_ZERO = {"n_experts", "router_aux_loss_coef", "mlp_only_layers"}
 RESUMABLE = {"max_steps", "eval_interval", "eval_iters", "log_interval", "sample_tokens", "threads", "device",
              "dtype", "compile", "resume", "config", "out_dir", "data", "batch_size", "grad_accum"}
 
@@ -143,7 +145,13 @@ def read_config(path):
 
 
 def _literal(s):
-    """A flag value as int, float, bool, None or str: '4' -> 4, '1e-3' -> 0.001, 'none' -> None."""
+    """A flag value as int, float, bool, None, a JSON list or str: '4' -> 4, '1e-3' -> 0.001, 'none' -> None,
+    '[0, 3]' -> [0, 3]."""
+    if s.lstrip().startswith("["):
+        try:
+            return json.loads(s)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a JSON list") from None
     for cast in (int, float):
         try:
             return cast(s)
@@ -189,6 +197,8 @@ def validate(args, module):
                 ok, expected = 0 <= v < 1, "a probability in [0, 1)"
             elif name.endswith("_id"):
                 ok, expected = v >= 0, "a token id >= 0"
+            elif name in FROM_ZERO:
+                ok, expected = v >= 0, "a number >= 0"
             else:   # sizes, epsilons, rope factors: all strictly positive
                 ok, expected = v > 0, "a number > 0"
             if not ok:
@@ -677,11 +687,13 @@ def _train(args, module, master):
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    n_params = raw_model.num_params()
+    n_params, n_active = raw_model.num_params(), raw_model.num_params(active=True)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
     flops_per_token = raw_model.flops_per_token(args.seq_len)
     peak = peak_flops(device)
-    log(f"model {args.model}: {n_params / 1e6:.2f}M parameters | device {device} {dtype} | world {world} | "
+    log(f"model {args.model}: {n_params / 1e6:.2f}M parameters"
+        + (f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else "")
+        + f" | device {device} {dtype} | world {world} | "
         f"{tokens_per_step:,} tokens/step | data {data_dir} ({data.meta['train_tokens']:,} train tokens)")
     metrics = None
     if master:
@@ -741,6 +753,7 @@ def _train(args, module, master):
 
     model.train()
     t_log, tokens_since = time.perf_counter(), 0
+    expert_tokens = None   # mixture of experts: tokens each expert took since the last log, (MoE layers, experts)
     stop = StopRequest()
     try:
         while step < args.max_steps and not stop_requested():
@@ -758,6 +771,9 @@ def _train(args, module, master):
                 with sync:
                     with autocast:
                         logits, loss = model(x, y)
+                    load = raw_model.expert_load() if hasattr(raw_model, "expert_load") else None
+                    if load is not None:
+                        expert_tokens = load.float() + (0 if expert_tokens is None else expert_tokens)
                     if no_targets:   # a window of instruction data without any reply: no loss, zero gradients
                         loss = logits.sum() * 0.0
                     scaler.scale(loss / args.grad_accum).backward()
@@ -783,10 +799,14 @@ def _train(args, module, master):
                 dt = time.perf_counter() - t_log
                 tok_s = tokens_since / dt
                 mfu = flops_per_token * tok_s / (peak * world) if peak else None
+                moe = expert_balance(expert_tokens, raw_model, ddp)
                 log(f"step {step:5d} | loss {step_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                    + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""))
-                record({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu,
+                    + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                    + (f" | experts: load cv {moe['expert_load_cv']:.3f} (worst layer {moe['expert_load_cv_max']:.3f})"
+                       + (f" aux {moe['aux_loss']:.4f}" if "aux_loss" in moe else "") if moe else ""))
+                record({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, **moe,
                         "time": time.time()})
+                expert_tokens = None
                 t_log, tokens_since = time.perf_counter(), 0
             if step % args.eval_interval == 0 or step == args.max_steps:
                 losses = evaluate()
@@ -817,6 +837,20 @@ def _train(args, module, master):
     if master and args.sample_tokens > 0:
         show_sample(raw_model, data, data_dir, args.sample_tokens, device)
     return raw_model, 0
+
+
+def expert_balance(expert_tokens, model, ddp):
+    """How evenly a mixture of experts spreads its tokens: the coefficient of variation (std / mean) of the tokens
+    per expert in each MoE layer, averaged over layers and at the worst layer; 0 is perfectly even, and a layer
+    that sends everything to k of E experts has sqrt(E / k - 1). {} for a dense model."""
+    if expert_tokens is None:
+        return {}
+    if ddp:
+        dist.all_reduce(expert_tokens)
+    cv = expert_tokens.std(-1, correction=0) / expert_tokens.mean(-1).clamp(min=1e-9)   # (MoE layers,)
+    aux = getattr(model, "aux_loss", None)
+    return {"expert_load_cv": cv.mean().item(), "expert_load_cv_max": cv.max().item(),
+            **({"aux_loss": float(aux)} if aux is not None else {})}
 
 
 def _set_dropout(model, p):

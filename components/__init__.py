@@ -10,7 +10,9 @@ read in one sitting, tested against an independent reference, and compared side 
     norms.py       LayerNorm, RMSNorm, pre-norm and post-norm blocks
     ffn.py         GELU MLP, SwiGLU, GeGLU, ReGLU
     moe.py         routers (softmax, noisy, sigmoid), shared experts, capacity, balancing
-    compare.py     python -m components.compare attention|position|norm|ffn|moe [--quick]: the family
+    tokenizers.py  tokens per character and word, bytes per token, of the official and our trained tokenizers
+                   on one passage in ten languages and on code (data/multilingual.json)
+    compare.py     python -m components.compare attention|position|norm|ffn|moe|tokenizer [--quick]: the family
                    tables, the report and the command line; its parts:
     meters.py      peak memory (a CPU meter too), FLOPs and time of one call
     tinylm.py      the tiny byte-level model every training comparison trains, and its offline data

@@ -2,6 +2,7 @@
 The comparison harness: one family of variants, side by side.
 
     python -m components.compare attention|position|norm|ffn|moe [--quick] [--out DIR] [--device cpu|cuda]
+    python -m components.compare tokenizer [--quick] [--out DIR] [--tokenizer_dir NAME=DIR ...]
 
 For the family it prints, and writes to DIR/<family>.md (default components/report/) with PNG plots beside it:
 1. a layer table: each variant as one layer (for attention, also the bare kernels) at several sequence
@@ -10,6 +11,8 @@ For the family it prints, and writes to DIR/<family>.md (default components/repo
 2. a training table: a tiny byte-level language model per variant (tinylm.py), trained for the same number of
    steps on the same batches of Python's standard library source and scored on held-out bytes.
    It is short: differences smaller than a few hundredths of a nat are noise.
+The tokenizer family is a table of its own (see tokenizers.py): tokens per character and word, and bytes per
+token, of official and trained tokenizers on one passage in ten languages and in code.
 --quick takes under a minute on 2 CPU cores. On a machine busy with other work, OMP_NUM_THREADS=1 gives steadier
 times: with two threads, every small operator waits for both, and a descheduled thread stalls it.
 """
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 import checkpoint_io
 import errors
+from components import tokenizers
 from components.attention import (Attention, SparseAttention, attention, dilated_window_attention, ring_attention,
                                   sliding_window_mask, sparse_attention)
 from components.ffn import GLU, MLP, glu_hidden
@@ -30,11 +34,11 @@ from components.flash import flash_attention
 from components.meters import measure
 from components.mla import MLA
 from components.moe import MoE
-from components.plots import write_plots
+from components.plots import write_plots, write_tokenizer_plots
 from components.positions import rope_cos_sin, rope_inv_freq
 from components.tinylm import ByteData, TinyConfig, TinyLM, make_block, train_variant
 
-FAMILIES = ("attention", "position", "norm", "ffn", "moe")
+FAMILIES = ("attention", "position", "norm", "ffn", "moe", "tokenizer")
 
 # -----------------------------------------------------------------------------
 # the tables
@@ -285,6 +289,11 @@ SETTINGS = {  # quick: a smoke run, under a minute on 2 quiet cores; full: enoug
                 data_bytes=4_000_000),
 }
 
+TOKENIZER_SETTINGS = {  # the corpus the three trained tokenizers learn from, and their vocabulary size
+    True: dict(corpus_bytes=300_000, vocab_size=1024),
+    False: dict(corpus_bytes=2_000_000, vocab_size=4096),
+}
+
 INTRO = {
     "attention": "Attention layers at n_embd=256, 8 heads (RoPE); kernels on q, k, v of (1, 4, T, 64), causal. "
                  "Peak memory covers forward and backward, parameter gradients included. The masked variants "
@@ -302,6 +311,11 @@ INTRO = {
            "the MLP's.",
     "moe": "Layers at n_embd=256 with the active parameters of the dense SwiGLU. Training: dense against MoE at "
            "equal active parameters; load max/mean is 1.0 when balanced.",
+    "tokenizer": "One passage in ten languages (each a translation of the English one) and a Python function "
+                 "(components/data/multilingual.json), encoded whole, without BOS, by each tokenizer. A word is a "
+                 "run between whitespace, except in Chinese and Japanese, written without spaces, where it is a "
+                 "character (a letter or digit). The three trained here learned from the corpus their row names "
+                 "(tinyshakespeare when cached, and Python stdlib source), never from the passages.",
 }
 
 SUBJECTS = {  # what the layer table's plots compare, for their titles
@@ -311,6 +325,32 @@ SUBJECTS = {  # what the layer table's plots compare, for their titles
     "ffn": "Feed-forward layers (n_embd=256)",
     "moe": "Dense and MoE feed-forward layers (n_embd=256)",
 }
+
+
+def tokenizer_run(quick, out_dir, dirs=None):
+    """The tokenizer family: the official tokenizers (dirs: {name: local directory or hub id} in place of, or
+    besides, tokenizers.OFFICIAL) and three trained here; writes DIR/tokenizer.md and its plot."""
+    s, t0 = TOKENIZER_SETTINGS[quick], time.perf_counter()
+    toks = {}
+    for name, source in (tokenizers.OFFICIAL | (dirs or {})).items():
+        tok, reason = tokenizers.load_official(source)
+        toks[name] = (tok, source, reason)
+    docs = tokenizers.training_corpus(s["corpus_bytes"])
+    corpus = (f"trained here on {sum(map(len, docs)):,} characters of "
+              + ("tinyshakespeare and " if tokenizers.SHAKESPEARE.is_file() else "") + "Python stdlib source")
+    for name, tok in tokenizers.trained_tokenizers(docs, s["vocab_size"]).items():
+        toks[name] = (tok, corpus, None)
+    rows = tokenizers.measure(toks, tokenizers.load_samples())
+    report = [f"# components: tokenizer ({'quick' if quick else 'full'})", "", INTRO["tokenizer"], "",
+              *tokenizers.tables(rows), ""]
+    print("\n".join(report))
+    os.makedirs(out_dir, exist_ok=True)
+    pngs = write_tokenizer_plots(out_dir, rows)
+    report += [f"![{p}]({p})" for p in pngs] + ["", f"Total harness time: {time.perf_counter() - t0:.0f} s."]
+    path = os.path.join(out_dir, "tokenizer.md")
+    checkpoint_io.atomic_write(path, "\n".join(report) + "\n")
+    print(f"\nwrote {path} and {', '.join(pngs)}")
+    return rows
 
 
 def run(family, quick, out_dir, device):
@@ -376,7 +416,17 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "report"),
                         help="directory for <family>.md and the plots (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: %(default)s")
+    parser.add_argument("--tokenizer_dir", action="append", default=[], metavar="NAME=DIR",
+                        help="tokenizer family: load NAME (e.g. GPT-2) from DIR, a model directory or hub id, in "
+                             "place of its hub id; a new NAME adds a tokenizer (repeatable)")
     args = parser.parse_args(argv)
+    if args.tokenizer_dir and args.family != "tokenizer":
+        raise errors.BadInput(f"--tokenizer_dir is for the tokenizer family, not {args.family}")
+    if bad := [d for d in args.tokenizer_dir if "=" not in d]:
+        raise errors.BadInput(f"--tokenizer_dir {bad[0]}: expected NAME=DIR")
+    if args.family == "tokenizer":
+        tokenizer_run(args.quick, args.out, dict(d.split("=", 1) for d in args.tokenizer_dir))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise errors.BadInput("--device cuda: no CUDA device is available")
     run(args.family, args.quick, args.out, torch.device(args.device))

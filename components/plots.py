@@ -6,6 +6,7 @@ The harness's plots: PNGs beside the report, drawn by matplotlib's Agg renderer 
 - training: each variant's train loss minus the first variant's. Every variant sees the same batches, so the
   batch-to-batch swings they share cancel and what is left is which one learns faster.
 - lengths: held-out loss at each evaluation length, the training length marked (position schemes).
+- tokenizer: UTF-8 bytes per token of each sample (a group of bars per language), a bar per tokenizer.
 Legends sit right of the axes, never over the data.
 """
 import math
@@ -132,3 +133,34 @@ def write_plots(family, out_dir, tables, results, train_T):
     for name, fig in figures.items():
         fig.savefig(os.path.join(out_dir, name), dpi=100, bbox_inches="tight")  # bbox: keep the outside legend
     return list(figures)
+
+
+def tokenizer_figure(rows):
+    """Bytes per token: a group of bars per sample, one bar per tokenizer (rows: components.tokenizers.measure's,
+    those of unavailable tokenizers left out); the title names the tokenizers with the most and least on average."""
+    rows = [r for r in rows if "reason" not in r]
+    names, samples = (list(dict.fromkeys(r[k] for r in rows)) for k in ("tokenizer", "sample"))
+    by = {(r["tokenizer"], r["sample"]): r["bytes_per_token"] for r in rows}
+    mean = {t: sum(by[t, s] for s in samples) / len(samples) for t in names}
+    best, worst = max(mean, key=mean.get), min(mean, key=mean.get)
+    fig, ax = new_axes(figsize=(12, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([k + (i - (len(names) - 1) / 2) * width for k in range(len(samples))], [by[name, s] for s in samples],
+               width, label=f"{name}  (mean {mean[name]:.2f})", color=f"C{i % 10}")
+    ax.set_xticks(range(len(samples)), samples, rotation=20, ha="right")
+    ax.set_title(f"Text per token, by language: higher means shorter sequences for the same text\n"
+                 f"most on average: {best} ({mean[best]:.2f} bytes per token); least: {worst} ({mean[worst]:.2f})",
+                 fontsize=10)
+    ax.set_xlabel("sample (the same passage in each language, and Python code)")
+    ax.set_ylabel("UTF-8 bytes per token")
+    ax.grid(True, axis="y", alpha=0.3)
+    legend_outside(ax)
+    return fig
+
+
+def write_tokenizer_plots(out_dir, rows):
+    """The tokenizer family's PNG in out_dir; returns its file name in a list, as write_plots does."""
+    name = "tokenizer_bytes_per_token.png"
+    tokenizer_figure(rows).savefig(os.path.join(out_dir, name), dpi=100, bbox_inches="tight")
+    return [name]

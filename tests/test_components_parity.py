@@ -4,10 +4,12 @@ import torch
 
 import gpt2
 import llama3
+import qwen
 from components.attention import Attention
 from components.ffn import GLU, MLP
+from components.moe import MoE, switch_aux_loss
 from components.norms import LayerNorm, PreNormBlock, RMSNorm
-from components.positions import apply_rope, rope_cos_sin, rope_inv_freq, rope_llama3_scaled
+from components.positions import apply_rope, rope_cos_sin, rope_inv_freq, rope_llama3_scaled, rope_yarn
 from conftest import randomize
 
 
@@ -150,3 +152,55 @@ def test_llama3_block_equals_pre_norm_component_block():
     cos, sin = model.rope(0, 9, torch.float32)
     assert (block(x, cos, sin) - ours(x, rope=rope_cos_sin(model.inv_freq, torch.arange(9)))).abs().max() < 1e-5
 
+
+
+# -----------------------------------------------------------------------------
+# qwen.py: what it adds to llama3.py's blocks (those are compared above): YaRN, QK-norm, the mixture of experts
+
+
+@pytest.mark.parametrize("yarn", [dict(rope_scale_factor=4.0, rope_original_context=32768),
+                                  dict(rope_scale_factor=2.0, rope_original_context=64, rope_beta_fast=8.0,
+                                       rope_beta_slow=2.0)])
+def test_qwen_yarn_frequencies_equal_component(yarn):
+    cfg = qwen.Config(n_embd=256, n_head=2, n_kv_head=2, head_dim=128, rope_theta=1e6, **yarn)
+    inv_freq, factor = qwen.rope_frequencies(cfg)
+    ref, ref_factor = rope_yarn(128, 1e6, cfg.rope_scale_factor, cfg.rope_original_context, cfg.rope_beta_fast,
+                                cfg.rope_beta_slow)
+    assert torch.allclose(inv_freq, ref, rtol=1e-6, atol=0) and factor == pytest.approx(ref_factor, rel=1e-12)
+
+
+def test_qwen_qk_norm_is_the_component_rmsnorm_per_head():
+    attn = randomize(qwen.Attention(qwen.Config(n_embd=64, n_head=4, n_kv_head=2, head_dim=16)))
+    ours = RMSNorm(16, eps=1e-6)
+    ours.load_state_dict(attn.q_norm.state_dict())
+    q = torch.randn(2, 5, 4, 16) * 3   # (B, T, nh, hd): normalized over each head's hd
+    assert (attn.q_norm(q) - ours(q)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_qwen_moe_equals_component(renormalize):
+    cfg = qwen.Config(n_embd=32, n_head=2, n_kv_head=1, n_experts=8, n_experts_per_tok=3, moe_intermediate_size=24,
+                      norm_topk_prob=renormalize)
+    moe = randomize(qwen.MoE(cfg))
+    ours = MoE(32, 24, n_expert=8, top_k=3, router="softmax", renormalize=renormalize)
+    with torch.no_grad():
+        ours.gate.weight.copy_(moe.gate.weight)
+        for e, expert in enumerate(ours.experts):   # qwen.py stacks the experts: (E, out, in)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(expert, name).weight.copy_(moe.experts[name][e])
+    x = torch.randn(2, 40, 32)
+    assert (moe(x) - ours(x)).abs().max() < 1e-5
+    assert torch.equal(moe.load, ours.load)
+
+
+def test_qwen_balancing_loss_is_the_component_switch_loss():
+    """Over two MoE layers: E sum_i f_i P_i of all their tokens together (transformers' load_balancing_loss_func)."""
+    model = randomize(qwen.Qwen(qwen.Config(vocab_size=64, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, n_experts=8,
+                                            n_experts_per_tok=3, moe_intermediate_size=24)))
+    inputs = []
+    for m in model.moe:
+        m.register_forward_hook(lambda module, args, out: inputs.append(args[0].flatten(0, 1)))
+    model(torch.randint(0, 64, (2, 40)))
+    logits = torch.cat([m.gate(x) for m, x in zip(model.moe, inputs)])   # (2 layers * N, E)
+    idx = logits.float().softmax(-1).topk(3, dim=-1).indices
+    assert model.aux_loss == pytest.approx(switch_aux_loss(logits, idx, 8).item(), rel=1e-5)

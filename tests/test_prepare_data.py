@@ -64,6 +64,9 @@ def test_folder_round_trip_and_split_by_file(tmp_path, tokenizer):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["src"]   # no temporary directory left
 
 
+GPT2_FILES = ["encoder.json", "tokenizer.json", "tokenizer_config.json", "vocab.bpe"]
+
+
 def test_gpt2_ids_equal_tiktoken(tmp_path):
     gpt2_dir = shared_file("gpt2", "encoder.json").parent
     text_file = shared_file("tinyshakespeare.txt")
@@ -81,7 +84,13 @@ def test_gpt2_ids_equal_tiktoken(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     counts = np.load(out / meta["token_bytes"], allow_pickle=False)
     assert counts.tolist() == [len(ref.decode_single_token_bytes(i)) for i in range(50256)] + [0]
-    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["encoder.json", "vocab.bpe"]
+    # the official pair, and a tokenizer.json that transformers' AutoTokenizer reads (it does not read the pair)
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == GPT2_FILES
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(out / "tokenizer")
+    sample = text[cut:cut + 20000] + " héllo\u00a0wörld 12345 \n\n  x<|endoftext|>"
+    assert hf(sample)["input_ids"] == ref.encode(sample, allowed_special="all")
+    assert hf.eos_token == EOT
 
 
 def test_stdlib_selection_is_deterministic_and_capped():
@@ -122,7 +131,7 @@ def test_rerun_with_another_tokenizer_leaves_only_the_new_one(tmp_path):
                                out_dir=str(tmp_path / "data"))
     fresh = prepare_data.prepare(input=str(src), name="d", tokenizer="gpt2", gpt2_dir=str(gpt2_dir),
                                  out_dir=str(tmp_path / "fresh"))
-    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["encoder.json", "vocab.bpe"]
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == GPT2_FILES
     assert bpe.load(out / "tokenizer").vocab_size == 50257
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (out / name).read_bytes() == (fresh / name).read_bytes()
@@ -434,7 +443,7 @@ CLI_CASES = [
     ("chat_no_content", [*CHAT, "{no_content_jsonl}"], '{no_content_jsonl}:1: messages[0]: expected {{"role"'),
     ("chat_no_assistant", [*CHAT, "{no_assistant_jsonl}"], "{no_assistant_jsonl}: 0 conversations with an assistant"),
     ("chat_unknown_model", ["--model", "mistral", "--tokenizer", "{tok_llama}", "--chat_jsonl", "{good_jsonl}"],
-     "--model 'mistral': expected one of the model files here: gpt2, llama3"),
+     "--model 'mistral': expected one of the model files here: gpt2, llama3, qwen"),
     ("chat_model_without_format", ["--model", "gpt2", "--tokenizer", "{tok_llama}", "--chat_jsonl", "{good_jsonl}"],
      "--model gpt2: gpt2.py has no chat format"),
 ]

@@ -227,7 +227,8 @@ CLI_CASES = {
                            "--prompt_file {d}/latin1.txt: not UTF-8 text (at byte 3)"),
     "source-missing-dir": (["./missing_dir"], "'./missing_dir': no such directory"),
     "hub-id-offline": (["tiny-org/not-cached"], "tiny-org/not-cached@main: HF_HUB_OFFLINE is set"),
-    "model-type-planned": (["{d}/qwen"], "{d}/qwen/config.json: model_type 'qwen2', which needs qwen.py"),
+    "model-type-planned": (["{d}/deepseek"], "{d}/deepseek/config.json: model_type 'deepseek_v3', which needs "
+                                              "deepseek.py"),
     "config-lacks-key": (["{d}/no_n_embd"], "{d}/no_n_embd/config.json: lacks key 'n_embd'"),
     "no-tokenizer": (["{d}/no_tokenizer"], "{d}/no_tokenizer: no tokenizer found"),
     "weights-truncated": (["{d}/truncated"], "{d}/truncated/model.safetensors: not a readable safetensors file"),
@@ -239,7 +240,7 @@ MAIN_CASES = {   # the same, through errors.run(sample.main) in this process
                             "--prompt_file {d}/nope.txt: No such file or directory"),
     "rope-on-gpt2": (["{d}/ckpt", "--rope_scale_factor", "8"], "--rope_scale_factor does not apply to gpt2.py"),
     "chat-on-gpt2": (["{d}/ckpt", "--chat"], "--chat: gpt2.py has no chat format"),
-    "model-unknown": (["{d}/ckpt", "--model", "qwen"], "--model 'qwen': expected one of gpt2, llama3"),
+    "model-unknown": (["{d}/ckpt", "--model", "mistral"], "--model 'mistral': expected one of gpt2, llama3, qwen"),
     "source-empty": ([""], "the source is empty"),
     "source-file": (["{d}/ckpt/config.json"], "{d}/ckpt/config.json: is a file"),
     "source-path-like": (["{d}/ckpt/nope/"], "'{d}/ckpt/nope/': no such directory"),
@@ -278,12 +279,12 @@ def cli_dir(tmp_path_factory):
 
     checkpoint("ckpt", gpt2.GPT(gpt2.Config(vocab_size=257, block_size=64, n_layer=1, n_head=1, n_embd=8,
                                             eos_token_id=256)))
-    for name in ("not_json", "list", "qwen", "mamba", "no_type", "no_n_embd", "str_n_head", "no_tokenizer",
+    for name in ("not_json", "list", "deepseek", "mamba", "no_type", "no_n_embd", "str_n_head", "no_tokenizer",
                  "bad_tokenizer", "truncated", "no_weights"):
         shutil.copytree(d / "ckpt", d / name)
     (d / "not_json" / "config.json").write_text("{")
     (d / "list" / "config.json").write_text("[]")
-    _edit_json(d / "qwen" / "config.json", lambda c: c.update(model_type="qwen2"))
+    _edit_json(d / "deepseek" / "config.json", lambda c: c.update(model_type="deepseek_v3"))
     _edit_json(d / "mamba" / "config.json", lambda c: c.update(model_type="mamba"))
     _edit_json(d / "no_type" / "config.json", lambda c: c.pop("model_type"))
     _edit_json(d / "no_n_embd" / "config.json", lambda c: c.pop("n_embd"))
@@ -408,3 +409,40 @@ def test_chat_keeps_the_history(tmp_path, monkeypatch, capsys):
                {"role": "user", "content": "how are you?"}]
     assert seen == [history[:1], history]
     assert capsys.readouterr().out == first + reply(history)
+
+
+def test_qwen3_chat_without_thinking(tmp_path, monkeypatch, capsys):
+    """sample.py --chat --no_thinking on a Qwen3 checkpoint: each prompt ends with the empty think block."""
+    import qwen
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    tok = bpe.train("user assistant hello there, how are you? fine thanks\n\n" * 20, 290, special_tokens=specials)
+    torch.manual_seed(0)
+    model = qwen.Qwen(qwen.Config(vocab_size=300, block_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                                  intermediate_size=32, eos_token_id=tok.special_tokens["<|im_end|>"])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path / bpe.SAVE_NAME)
+    turns = iter(["hello there", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    sample.main([str(tmp_path), "--chat", "--no_thinking", "--temperature", "0", "--max_new_tokens", "6"])
+    ids = qwen.encode_chat(tok, [{"role": "user", "content": "hello there"}], enable_thinking=False)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    eos = sample.eos_ids_of(model, tok)
+    out = [int(t) for t in sample.generate(model, torch.tensor([ids]), 6, temperature=0, eos_ids=eos,
+                                           allowed=sample.sampleable(tok, 300))]
+    assert capsys.readouterr().out == tok.decode([t for t in out if t not in eos])
+    with pytest.raises(errors.BadInput, match="--no_thinking switches off a chat model's thinking: add --chat"):
+        sample.parse_args([str(tmp_path), "--no_thinking"])
+
+
+def test_no_thinking_needs_a_chat_format_with_thinking(tmp_path):
+    import llama3
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = bpe.train("user assistant hello", 270, special_tokens=specials)
+    llama3.Llama(llama3.Config(vocab_size=280, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)
+                 ).save_pretrained(tmp_path)
+    tok.save(tmp_path / bpe.SAVE_NAME)
+    with pytest.raises(errors.BadInput, match=r"--no_thinking: llama3.py's chat format has no thinking to switch off"):
+        sample.load(str(tmp_path), chat=True, no_thinking=True)
