@@ -248,3 +248,31 @@ def test_an_empty_dialog_and_bad_input(qwen):
     half = bpe.train("", 257, special_tokens={"<|im_start|>": 256})
     with pytest.raises(errors.BadInput, match=r"the tokenizer lacks <\|im_end\|>: not a Qwen"):
         encode_chat(half, [])
+
+
+def test_prepare_data_chat_jsonl_masks_the_replies(qwen, tmp_path):
+    """prepare_data --chat_jsonl --model qwen: the masked tokens are each reply (reasoning dropped) and <|im_end|>\\n."""
+    import numpy as np
+    prepare_data = pytest.importorskip("prepare_data")
+    hf, _ = qwen["qwen3"]
+    convs = [DIALOGS[1], DIALOGS[3]] * 3
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    out = prepare_data.prepare_chat(str(jsonl), "qwen", hf.name_or_path, out_dir=str(tmp_path / "data"),
+                                    val_fraction=0.3)
+    tok = bpe.load(out / "tokenizer")
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16).tolist()
+    mask = np.fromfile(out / "train.mask.bin", dtype=np.uint8).tolist()
+    n_train = len(convs) - max(1, int(0.3 * len(convs)))   # prepare_chat keeps the last ones for validation
+    assert ids == [t for c in convs[:n_train] for t in encode_chat(tok, c, add_generation_prompt=False)]
+    spans, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    spans += [tok.decode(cur)] if cur else []
+    replies = [m["content"].split("</think>")[-1].lstrip("\n") if "</think>" in m["content"] else m["content"]
+               for c in convs[:n_train] for m in c if m["role"] == "assistant"]
+    assert spans == [r + "<|im_end|>\n" for r in replies]
