@@ -288,11 +288,11 @@ class MoE(nn.Module):
         order = idx.flatten().argsort(stable=True)   # (N * k,) assignments grouped by expert, each a contiguous block
         token = order // self.top_k                                          # the token of each sorted assignment
         counts = torch.bincount(idx.flatten(), minlength=self.n_experts)     # (E,)
-        xs, w = x[token], self.experts                                       # (N * k, C)
-        h = F.silu(grouped_linear(xs, w.gate_proj, counts)) * grouped_linear(xs, w.up_proj, counts)
-        y = grouped_linear(h, w.down_proj, counts) * weights.flatten()[order, None].to(x.dtype)
+        xs, w = x.index_select(0, token), self.experts                       # (N * k, C)
+        gate, up = grouped_linear(xs, torch.cat((w.gate_proj, w.up_proj), 1), counts).chunk(2, dim=-1)   # one call
+        h = F.silu(gate) * up * weights.flatten()[order, None].to(x.dtype)   # weighed here: down_proj is linear
         self.load, self.mean_prob = counts.detach(), probs.mean(0)
-        y = torch.zeros_like(x).index_add_(0, token, y)                      # each token: the sum over its k experts
+        y = torch.zeros_like(x).index_add_(0, token, grouped_linear(h, w.down_proj, counts))   # sum over its k experts
         return F.dropout(y.view(shape), self.dropout, self.training)
 
 

@@ -62,7 +62,8 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 # as the global batch (batch_size x grad_accum x processes) stays the same, and --data may move if its tokenizer
 # does not change.
 # Config fields where 0 is meaningful: no experts (a dense model), no auxiliary loss, layer indices
-FROM_ZERO = {"n_experts", "router_aux_loss_coef", "mlp_only_layers"}
+FROM_ZERO = {"n_experts", "router_aux_loss_coef", "mlp_only_layers", "n_shared_experts", "first_k_dense_replace",
+             "bias_update_rate", "mtp_loss_weight", "q_lora_rank"}
 RESUMABLE = {"max_steps", "eval_interval", "eval_iters", "log_interval", "sample_tokens", "threads", "device",
              "dtype", "compile", "resume", "config", "out_dir", "data", "batch_size", "grad_accum"}
 
@@ -789,6 +790,8 @@ def _train(args, module, master):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if getattr(config, "bias_update_rate", 0) > 0:   # DeepSeek-V3's loss-free balancing, after the step
+                raw_model.update_expert_bias()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_since += tokens_per_step
@@ -803,7 +806,8 @@ def _train(args, module, master):
                 log(f"step {step:5d} | loss {step_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
                     + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
                     + (f" | experts: load cv {moe['expert_load_cv']:.3f} (worst layer {moe['expert_load_cv_max']:.3f})"
-                       + (f" aux {moe['aux_loss']:.4f}" if "aux_loss" in moe else "") if moe else ""))
+                       + (f" aux {moe['aux_loss']:.4f}" if "aux_loss" in moe else "") if "expert_load_cv" in moe else "")
+                    + (f" | mtp {moe['mtp_loss']:.4f}" if "mtp_loss" in moe else ""))
                 record({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, **moe,
                         "time": time.time()})
                 expert_tokens = None
@@ -842,15 +846,17 @@ def _train(args, module, master):
 def expert_balance(expert_tokens, model, ddp):
     """How evenly a mixture of experts spreads its tokens: the coefficient of variation (std / mean) of the tokens
     per expert in each MoE layer, averaged over layers and at the worst layer; 0 is perfectly even, and a layer
-    that sends everything to k of E experts has sqrt(E / k - 1). {} for a dense model."""
+    that sends everything to k of E experts has sqrt(E / k - 1). {} for a dense model (but the MTP loss if any)."""
+    mtp = getattr(model, "mtp_loss", None)   # DeepSeek-V3's multi-token prediction: the next-but-one token's loss
+    mtp = {"mtp_loss": float(mtp)} if mtp is not None else {}
     if expert_tokens is None:
-        return {}
+        return mtp
     if ddp:
         dist.all_reduce(expert_tokens)
     cv = expert_tokens.std(-1, correction=0) / expert_tokens.mean(-1).clamp(min=1e-9)   # (MoE layers,)
     aux = getattr(model, "aux_loss", None)
     return {"expert_load_cv": cv.mean().item(), "expert_load_cv_max": cv.max().item(),
-            **({"aux_loss": float(aux)} if aux is not None else {})}
+            **({"aux_loss": float(aux)} if aux is not None else {}), **mtp}
 
 
 def _set_dropout(model, p):

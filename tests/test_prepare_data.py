@@ -443,7 +443,7 @@ CLI_CASES = [
     ("chat_no_content", [*CHAT, "{no_content_jsonl}"], '{no_content_jsonl}:1: messages[0]: expected {{"role"'),
     ("chat_no_assistant", [*CHAT, "{no_assistant_jsonl}"], "{no_assistant_jsonl}: 0 conversations with an assistant"),
     ("chat_unknown_model", ["--model", "mistral", "--tokenizer", "{tok_llama}", "--chat_jsonl", "{good_jsonl}"],
-     "--model 'mistral': expected one of the model files here: gpt2, llama3, qwen"),
+     "--model 'mistral': expected one of the model files here: gpt2, llama3, qwen, deepseek"),
     ("chat_model_without_format", ["--model", "gpt2", "--tokenizer", "{tok_llama}", "--chat_jsonl", "{good_jsonl}"],
      "--model gpt2: gpt2.py has no chat format"),
 ]

@@ -227,8 +227,6 @@ CLI_CASES = {
                            "--prompt_file {d}/latin1.txt: not UTF-8 text (at byte 3)"),
     "source-missing-dir": (["./missing_dir"], "'./missing_dir': no such directory"),
     "hub-id-offline": (["tiny-org/not-cached"], "tiny-org/not-cached@main: HF_HUB_OFFLINE is set"),
-    "model-type-planned": (["{d}/deepseek"], "{d}/deepseek/config.json: model_type 'deepseek_v3', which needs "
-                                              "deepseek.py"),
     "config-lacks-key": (["{d}/no_n_embd"], "{d}/no_n_embd/config.json: lacks key 'n_embd'"),
     "no-tokenizer": (["{d}/no_tokenizer"], "{d}/no_tokenizer: no tokenizer found"),
     "weights-truncated": (["{d}/truncated"], "{d}/truncated/model.safetensors: not a readable safetensors file"),
@@ -240,7 +238,7 @@ MAIN_CASES = {   # the same, through errors.run(sample.main) in this process
                             "--prompt_file {d}/nope.txt: No such file or directory"),
     "rope-on-gpt2": (["{d}/ckpt", "--rope_scale_factor", "8"], "--rope_scale_factor does not apply to gpt2.py"),
     "chat-on-gpt2": (["{d}/ckpt", "--chat"], "--chat: gpt2.py has no chat format"),
-    "model-unknown": (["{d}/ckpt", "--model", "mistral"], "--model 'mistral': expected one of gpt2, llama3, qwen"),
+    "model-unknown": (["{d}/ckpt", "--model", "mistral"], "--model 'mistral': expected one of gpt2, llama3, qwen, deepseek"),
     "source-empty": ([""], "the source is empty"),
     "source-file": (["{d}/ckpt/config.json"], "{d}/ckpt/config.json: is a file"),
     "source-path-like": (["{d}/ckpt/nope/"], "'{d}/ckpt/nope/': no such directory"),
@@ -279,12 +277,11 @@ def cli_dir(tmp_path_factory):
 
     checkpoint("ckpt", gpt2.GPT(gpt2.Config(vocab_size=257, block_size=64, n_layer=1, n_head=1, n_embd=8,
                                             eos_token_id=256)))
-    for name in ("not_json", "list", "deepseek", "mamba", "no_type", "no_n_embd", "str_n_head", "no_tokenizer",
+    for name in ("not_json", "list", "mamba", "no_type", "no_n_embd", "str_n_head", "no_tokenizer",
                  "bad_tokenizer", "truncated", "no_weights"):
         shutil.copytree(d / "ckpt", d / name)
     (d / "not_json" / "config.json").write_text("{")
     (d / "list" / "config.json").write_text("[]")
-    _edit_json(d / "deepseek" / "config.json", lambda c: c.update(model_type="deepseek_v3"))
     _edit_json(d / "mamba" / "config.json", lambda c: c.update(model_type="mamba"))
     _edit_json(d / "no_type" / "config.json", lambda c: c.pop("model_type"))
     _edit_json(d / "no_n_embd" / "config.json", lambda c: c.pop("n_embd"))
