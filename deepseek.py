@@ -568,8 +568,10 @@ def dequantize_fp8(weight, scale_inv, dtype, key="weight"):
     if scale_inv.dim() != 2 or tuple(scale_inv.shape) != (-(-M // 128), -(-N // 128)):
         raise errors.BadInput(f"scale {key + '_scale_inv'!r} has shape {tuple(scale_inv.shape)}, but its FP8 weight "
                               f"{key!r} of shape {(M, N)} needs the 128x128-block grid {(-(-M // 128), -(-N // 128))}")
-    s = scale_inv.float().repeat_interleave(128, 0)[:M].repeat_interleave(128, 1)[:, :N]
-    return (weight.float() * s).to(dtype)
+    out = torch.empty(M, N, dtype=dtype)
+    for i in range(0, M, 128):   # a block row at a time: the fp32 temporaries stay 128 rows small
+        out[i:i + 128] = weight[i:i + 128].float() * scale_inv[i // 128].float().repeat_interleave(128)[:N]
+    return out
 
 
 def _load_hf(directory, dtype):
