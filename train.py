@@ -802,12 +802,10 @@ def _train(args, module, master):
                 dt = time.perf_counter() - t_log
                 tok_s = tokens_since / dt
                 mfu = flops_per_token * tok_s / (peak * world) if peak else None
-                moe = expert_balance(expert_tokens, raw_model, ddp)
+                moe = moe_metrics(expert_tokens, raw_model, ddp)
                 log(f"step {step:5d} | loss {step_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
                     + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                    + (f" | experts: load cv {moe['expert_load_cv']:.3f} (worst layer {moe['expert_load_cv_max']:.3f})"
-                       + (f" aux {moe['aux_loss']:.4f}" if "aux_loss" in moe else "") if "expert_load_cv" in moe else "")
-                    + (f" | mtp {moe['mtp_loss']:.4f}" if "mtp_loss" in moe else ""))
+                    + "".join(f" | {name} {value:.4f}" for name, value in moe.items()))
                 record({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, **moe,
                         "time": time.time()})
                 expert_tokens = None
@@ -843,20 +841,20 @@ def _train(args, module, master):
     return raw_model, 0
 
 
-def expert_balance(expert_tokens, model, ddp):
-    """How evenly a mixture of experts spreads its tokens: the coefficient of variation (std / mean) of the tokens
-    per expert in each MoE layer, averaged over layers and at the worst layer; 0 is perfectly even, and a layer
-    that sends everything to k of E experts has sqrt(E / k - 1). {} for a dense model (but the MTP loss if any)."""
-    mtp = getattr(model, "mtp_loss", None)   # DeepSeek-V3's multi-token prediction: the next-but-one token's loss
-    mtp = {"mtp_loss": float(mtp)} if mtp is not None else {}
-    if expert_tokens is None:
-        return mtp
-    if ddp:
-        dist.all_reduce(expert_tokens)
-    cv = expert_tokens.std(-1, correction=0) / expert_tokens.mean(-1).clamp(min=1e-9)   # (MoE layers,)
-    aux = getattr(model, "aux_loss", None)
-    return {"expert_load_cv": cv.mean().item(), "expert_load_cv_max": cv.max().item(),
-            **({"aux_loss": float(aux)} if aux is not None else {}), **mtp}
+def moe_metrics(expert_tokens, model, ddp):
+    """What a mixture of experts adds to the log, {} for a dense model: expert_load_cv, how evenly the experts share
+    the tokens (the coefficient of variation, std / mean, of the tokens per expert in each MoE layer, averaged over
+    layers; 0 is even, all tokens on k of E experts sqrt(E / k - 1)) and expert_load_cv_max at the worst layer;
+    the model's last aux_loss (balancing) and mtp_loss (DeepSeek-V3's multi-token prediction) where it has them."""
+    metrics = {}
+    if expert_tokens is not None:
+        if ddp:
+            dist.all_reduce(expert_tokens)
+        cv = expert_tokens.std(-1, correction=0) / expert_tokens.mean(-1).clamp(min=1e-9)   # (MoE layers,)
+        metrics = {"expert_load_cv": cv.mean().item(), "expert_load_cv_max": cv.max().item()}
+    losses = {name: float(getattr(model, name)) for name in ("aux_loss", "mtp_loss")
+              if getattr(model, name, None) is not None}
+    return metrics | losses
 
 
 def _set_dropout(model, p):

@@ -5,8 +5,9 @@
 
 A random checkpoint is written in the FP8 release's layout first: every Linear weight of the attention and of the
 MLPs and experts as float8_e4m3fn with its weight_scale_inv on the 128x128 block grid, the rest in bf16. Then a fresh
-process loads it with DeepSeek.from_pretrained and reports the peak of its anonymous memory (what it allocated
-itself, sampled every 2 ms) and of its RSS (also counting mapped pages of the files). A loader that dequantized
+process loads it with DeepSeek.from_pretrained (bench/llama_load_memory.py's measuring child) and reports the
+peak of its anonymous memory (what it allocated itself, sampled every 2 ms) and of its RSS (also counting mapped
+pages of the files). A loader that dequantized
 the whole file before building the model, or kept the FP8 tensors beside the result, would show well over 1x.
 """
 import argparse
@@ -18,42 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from llama_load_memory import CHILD  # noqa: E402  (the same measuring child process, given the model file)
 
-CHILD = r"""
-import json, sys, threading, time
-sys.path.insert(0, sys.argv[1])
-import torch, deepseek
-
-def status():
-    fields = {}
-    for line in open("/proc/self/status"):
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-peak_anon, done = 0, False
-def sample():
-    global peak_anon
-    while not done:
-        peak_anon = max(peak_anon, status()["RssAnon"])
-        time.sleep(0.002)
-
-torch.set_num_threads(1)
-with torch.device("meta"):   # warm-up: the first use of a device context imports modules, not weights
-    deepseek.DeepSeek(deepseek.Config(vocab_size=8, n_layer=2, n_embd=16, n_head=2))
-torch.zeros(8).sum()
-base = status()
-threading.Thread(target=sample, daemon=True).start()
-t0 = time.perf_counter()
-model = deepseek.DeepSeek.from_pretrained(sys.argv[2], dtype=getattr(torch, sys.argv[3]))
-seconds = time.perf_counter() - t0
-done = True
-end = status()
-size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-print(json.dumps({"base_anon": base["RssAnon"], "peak_anon": peak_anon, "end_anon": end["RssAnon"],
-                  "base_rss": base["VmRSS"], "peak_rss": end["VmHWM"], "model": size, "seconds": seconds}))
-"""
 
 
 def quantize(w):
@@ -97,11 +65,12 @@ def main():
         files = sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
         n_files = len(list(Path(d).glob("*.safetensors")))
         del state
-        r = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), d, a.load_dtype], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), d, a.load_dtype, "deepseek"],
+                           capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(r.stderr[-2000:])
     m = json.loads(r.stdout.strip().splitlines()[-1])
-    mb, size = 2**20, m["model"]
+    mb, size = 2**20, m["weights"]
     print(f"FP8 checkpoint: {files / mb:.0f} MiB in {n_files} shards; loaded as {a.load_dtype}: {size / mb:.0f} MiB "
           f"({m['seconds']:.1f} s)")
     for name, value in (("peak anonymous memory added while loading", m["peak_anon"] - m["base_anon"]),

@@ -26,9 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, sys, threading, time
+import importlib, json, sys, threading, time
 sys.path.insert(0, sys.argv[1])
-import torch, llama3
+import torch
+module = importlib.import_module(sys.argv[4])   # the model file: llama3 here, deepseek in deepseek_fp8_load_memory
 
 def status():
     fields = {}
@@ -47,13 +48,13 @@ def sample():
 
 torch.set_num_threads(1)
 with torch.device("meta"):   # warm-up: the first use of a device context imports ~70 MB of modules, not weights
-    llama3.Llama(llama3.Config(vocab_size=8, n_layer=1, n_embd=16, n_head=2, n_kv_head=1))
+    module.Model(module.Config(vocab_size=8, n_layer=2, n_embd=16, n_head=2))
 torch.zeros(8).sum()
 base = status()
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
 t0 = time.perf_counter()
-model = llama3.Llama.from_pretrained(sys.argv[2], dtype=getattr(torch, sys.argv[3]))
+model = module.Model.from_pretrained(sys.argv[2], dtype=getattr(torch, sys.argv[3]))
 seconds = time.perf_counter() - t0
 loaded = status()
 with torch.no_grad():   # read every weight, as the first forward pass will: mapped file pages become resident
@@ -62,7 +63,7 @@ with torch.no_grad():   # read every weight, as the first forward pass will: map
 done = True
 thread.join()
 end = status()
-weights = sum(p.numel() * p.element_size() for p in model.parameters())
+weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 print(json.dumps({"weights": weights, "seconds": seconds, "base_rss": base["VmRSS"], "base_anon": base["RssAnon"],
                   "loaded_rss": loaded["VmRSS"], "peak_rss": end["VmHWM"], "peak_anon": max(peak_anon, end["RssAnon"]),
                   "end_anon": end["RssAnon"]}))
@@ -125,7 +126,7 @@ def main():
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
         write_checkpoint(config, d, a.layout, getattr(torch, a.dtype), a.shard_mb, a.shards)
         sizes = [f.stat().st_size for f in Path(d).iterdir() if f.suffix in (".safetensors", ".pth")]
-        r = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), d, a.load_dtype or a.dtype], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), d, a.load_dtype or a.dtype, "llama3"], capture_output=True,
                            text=True)
         if r.returncode:
             raise SystemExit(r.stderr[-2000:])

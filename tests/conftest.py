@@ -30,6 +30,22 @@ def randomize(module, seed=0, scale=0.1):
     return module
 
 
+def official_state(model):
+    """The official keys: no tied head; transformers 5's fused in-memory experts (gate_up_proj [E, 2I, H], gate rows
+    first; down_proj [E, H, I]) written per expert as mlp.experts.{e}.{gate,up,down}_proj.weight (FORMATS 0.1)."""
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()
+          if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    for key in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
+        head = key.removesuffix("gate_up_proj")
+        gate_up, down = sd.pop(key), sd.pop(head + "down_proj")
+        gate, up = gate_up.chunk(2, dim=1)
+        for e in range(gate_up.size(0)):
+            sd |= {f"{head}{e}.gate_proj.weight": gate[e].clone(), f"{head}{e}.up_proj.weight": up[e].clone(),
+                   f"{head}{e}.down_proj.weight": down[e].clone()}
+    return sd
+
+
+
 @pytest.fixture(autouse=True)
 def _no_tiktoken_cache(monkeypatch):
     # tiktoken caches files keyed by path, so a rewritten file would be read stale (docs/FORMATS.md 4.5)

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 import deepseek
 import errors
 from components.moe import sigmoid_topk, softmax_topk
+from conftest import official_state, randomize
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,20 +54,6 @@ def random_hf_model(config, seed=0):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn_like(b))
     return model.eval()
-
-
-def official_state(model):
-    """transformers 5's fused in-memory experts (gate_up_proj [E, 2I, H], gate rows first; down_proj [E, H, I]) written
-    per expert as mlp.experts.{e}.{gate,up,down}_proj.weight (FORMATS 0.1)."""
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    for key in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
-        head = key.removesuffix("gate_up_proj")
-        gate_up, down = sd.pop(key), sd.pop(head + "down_proj")
-        gate, up = gate_up.chunk(2, dim=1)
-        for e in range(gate_up.size(0)):
-            sd |= {f"{head}{e}.gate_proj.weight": gate[e].clone(), f"{head}{e}.up_proj.weight": up[e].clone(),
-                   f"{head}{e}.down_proj.weight": down[e].clone()}
-    return sd
 
 
 def write_hf(sd, config, directory):
@@ -208,7 +195,6 @@ def test_absorbed_decoding_equals_recomputation():
 
 
 def conftest_randomize(model):
-    from conftest import randomize
     return randomize(model, scale=0.2)
 
 

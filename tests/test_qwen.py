@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import errors
 import qwen
+from conftest import official_state
 from components.moe import softmax_topk
 
 transformers = pytest.importorskip("transformers")
@@ -51,21 +52,6 @@ def random_hf_model(config, seed=0):
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
     return model.eval()
-
-
-def official_state(model):
-    """The official keys: no tied head; transformers 5's fused in-memory experts (gate_up_proj [E, 2I, H], gate rows
-    first; down_proj [E, H, I]) written per expert as mlp.experts.{e}.{gate,up,down}_proj.weight (FORMATS 0.1)."""
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()
-          if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    for key in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
-        head = key.removesuffix("gate_up_proj")
-        gate_up, down = sd.pop(key), sd.pop(head + "down_proj")
-        gate, up = gate_up.chunk(2, dim=1)
-        for e in range(gate_up.size(0)):
-            sd |= {f"{head}{e}.gate_proj.weight": gate[e].clone(), f"{head}{e}.up_proj.weight": up[e].clone(),
-                   f"{head}{e}.down_proj.weight": down[e].clone()}
-    return sd
 
 
 def write_hf(model, config, directory):

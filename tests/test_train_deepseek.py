@@ -30,7 +30,7 @@ def test_moe_with_mtp_trains_and_transformers_loads_it(data, tmp_path, capsys):
     out = capsys.readouterr().out
     curve = losses(tmp_path)
     assert code == 0 and curve[30] < curve[5] - 0.5, curve
-    assert "experts: load cv" in out and "| mtp " in out
+    assert "| expert_load_cv " in out and "| mtp_loss " in out
     logged = [r for r in rows(tmp_path) if "loss" in r]
     assert logged[-1]["mtp_loss"] < logged[0]["mtp_loss"]
     bias = [b.mlp.gate.e_score_correction_bias for b in model.model.layers if hasattr(b.mlp, "experts")]

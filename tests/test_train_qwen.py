@@ -56,7 +56,7 @@ def test_moe_trains_logs_the_experts_load_and_transformers_loads_it(data, tmp_pa
     out = capsys.readouterr().out
     curve = losses(tmp_path)
     assert code == 0 and curve[30] < curve[5] - 0.5, curve
-    assert "active per token" in out and "experts: load cv" in out
+    assert "active per token" in out and "| expert_load_cv " in out and "| aux_loss " in out
     logged = [r for r in rows(tmp_path) if "loss" in r]
     assert all(0 <= r["expert_load_cv"] <= r["expert_load_cv_max"] <= math.sqrt(4 / 2 - 1) for r in logged)
     assert all(r["aux_loss"] > 0 for r in logged)
@@ -78,16 +78,15 @@ def test_resume_of_a_moe_run_is_exact(data, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
 
 
-@pytest.mark.parametrize("tokens,cv", [
-    ([[5.0, 5.0, 5.0, 5.0]], 0.0),                     # even
-    ([[8.0, 0.0, 0.0, 0.0]], math.sqrt(3)),            # all to 1 of 4 experts: sqrt(E / k - 1)
-    ([[8.0, 8.0, 0.0, 0.0], [4.0, 4.0, 4.0, 4.0]], 0.5),   # layer CVs 1 and 0: mean 0.5, worst 1
+@pytest.mark.parametrize("tokens,cv,worst", [
+    ([[5.0, 5.0, 5.0, 5.0]], 0.0, 0.0),                                # even
+    ([[8.0, 0.0, 0.0, 0.0]], math.sqrt(3), math.sqrt(3)),              # all to 1 of 4 experts: sqrt(E / k - 1)
+    ([[8.0, 8.0, 0.0, 0.0], [4.0, 4.0, 4.0, 4.0]], 0.5, 1.0),          # layer CVs 1 and 0: mean 0.5, worst 1
 ])
-def test_expert_balance_is_the_coefficient_of_variation(tokens, cv):
-    got = train.expert_balance(torch.tensor(tokens), object(), ddp=False)
-    assert got["expert_load_cv"] == pytest.approx(cv)
-    assert got["expert_load_cv_max"] == pytest.approx(max(cv, 1.0 if len(tokens) == 2 else cv))
-    assert train.expert_balance(None, object(), ddp=False) == {}
+def test_moe_metrics_are_the_coefficient_of_variation(tokens, cv, worst):
+    got = train.moe_metrics(torch.tensor(tokens), object(), ddp=False)
+    assert got == {"expert_load_cv": pytest.approx(cv), "expert_load_cv_max": pytest.approx(worst)}
+    assert train.moe_metrics(None, object(), ddp=False) == {}
 
 
 @pytest.mark.parametrize("flags,message", [
