@@ -71,8 +71,7 @@ _C = r"\x{3040}-\x{30FF}\x{4E00}-\x{9FA5}"
 _C_OTHER = rf"[[{_C}]--[\p{{L}}\p{{M}}\p{{P}}\p{{S}}]]"   # the unassigned U+3040, U+3097, U+3098
 _DEEPSEEK_V3_ONE_REGEX = "|".join([
     r"\p{N}{1,3}",
-    rf"{_C_OTHER}?[[\p{{L}}\p{{M}}]&&[{_C}]]+",
-    rf"[[\p{{P}}\p{{S}}]&&[{_C}]]+",
+    rf"{_C_OTHER}?[[\p{{L}}\p{{M}}]&&[{_C}]]+", rf"[[\p{{P}}\p{{S}}]&&[{_C}]]+",
     rf"(?:{_C_OTHER}(?![[\p{{L}}\p{{M}}]&&[{_C}]]))+",
     r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+""",
     rf"[^\r\n\p{{L}}\p{{P}}\p{{S}}\p{{N}}{_C}]?[[\p{{L}}\p{{M}}]--[{_C}]]+",
@@ -583,7 +582,7 @@ def _normalizer_forms(norm, path):
 
 
 def _pretokenizer_patterns(pre, path):
-    """-> a pattern, a tuple of patterns applied in turn, or None: Sequence[Split(p), ByteLevel] -> p."""
+    """-> a pattern, a tuple of them applied in turn or None: Sequence[Split(p), ByteLevel] -> p (Digits: a Split)."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     patterns = []
     for step in steps:
@@ -591,12 +590,13 @@ def _pretokenizer_patterns(pre, path):
         if kind == "ByteLevel" and step.get("add_prefix_space"):
             raise BadInput(f"{path}: pre_tokenizer ByteLevel(add_prefix_space=true) is not supported")
         patterns += [PATTERNS["gpt2"]] * (kind == "ByteLevel" and step.get("use_regex", True))
+        patterns += [r"\p{N}" if step.get("individual_digits") else r"\p{N}+"] * (kind == "Digits")   # DeepSeek-V2
         if kind == "Split":
             if step.get("invert") or str(step.get("behavior", "")).lower() != "isolated":
                 raise BadInput(f"{path}: pre_tokenizer Split must have behavior 'Isolated' and invert false")
             patterns.append(pat["Regex"] if "Regex" in pat else re.escape(pat.get("String", "")))
-        elif kind != "ByteLevel":
-            raise BadInput(f"{path}: pre_tokenizer {kind!r} is not supported (ByteLevel, Split, Sequence)")
+        elif kind not in ("ByteLevel", "Digits"):
+            raise BadInput(f"{path}: pre_tokenizer {kind!r} is not supported (ByteLevel, Split, Digits, Sequence)")
     if not any(s.get("type") == "ByteLevel" for s in steps):
         raise BadInput(f"{path}: no ByteLevel pre_tokenizer: only byte-level BPE is supported")
     return patterns[0] if len(patterns) == 1 else tuple(patterns) or None

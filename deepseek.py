@@ -119,11 +119,10 @@ class Config:
         required = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
                     "n_routed_experts", "num_experts_per_tok")
-        optional = dict(max_position_embeddings=int, num_key_value_heads=int, n_group=int,
-                        topk_group=int, moe_layer_freq=int, rms_norm_eps=float, rope_theta=float,
-                        routed_scaling_factor=float, attention_dropout="rate", aux_loss_alpha="rate",
-                        bias_update_rate="rate", tie_word_embeddings=bool, norm_topk_prob=bool, bos_token_id="ids",
-                        eos_token_id="ids")
+        optional = dict(max_position_embeddings=int, num_key_value_heads=int, n_group=int, topk_group=int,
+                        moe_layer_freq=int, rms_norm_eps=float, rope_theta=float, routed_scaling_factor=float,
+                        attention_dropout="rate", aux_loss_alpha="rate", bias_update_rate="rate",
+                        tie_word_embeddings=bool, norm_topk_prob=bool, bos_token_id="ids", eos_token_id="ids")
         checkpoint_io.check_keys(d, dict.fromkeys(required, int) | optional, required)
         for key in ("n_shared_experts", "first_k_dense_replace", "mtp_loss_weight"):   # may be 0
             if key in d and (type(d[key]) not in (int, float if key[0] == "m" else int) or not 0 <= d[key] < math.inf):
@@ -460,10 +459,9 @@ class DeepSeek(nn.Module):
             load, m.load_sum = m.load_sum, None
             if load is None or not hasattr(m.gate, "e_score_correction_bias"):
                 continue
-            load = load.float()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(load)
-            m.gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+            m.gate.e_score_correction_bias += rate * torch.sign(load.float().mean() - load)
 
     def rope(self, pos, T, dtype):
         """cos, sin (T, d_rope/2) for absolute positions pos..pos+T-1, computed in fp32 and cast to the activations."""
@@ -612,20 +610,18 @@ def _load_hf(directory, dtype):
 
 
 def encode_chat(tok, messages, add_generation_prompt=True):
-    """Token ids of a dialog in DeepSeek-V3's chat format (the HF repo's chat template, tests/data/deepseek_v3*.jinja),
-    no line breaks:
+    """Token ids of a dialog in DeepSeek's chat format (the HF repos' templates, tests/data/deepseek_v*.jinja), V3's:
         <｜begin▁of▁sentence｜>You are terse.<｜User｜>Hi!<｜Assistant｜>Hello.<｜end▁of▁sentence｜>
         <｜User｜>Who are you?<｜Assistant｜>          <- the generation prompt
-    tok: a bpe.py tokenizer with DeepSeek-V3's special tokens (the bars are fullwidth, U+FF5C). The system messages,
-    joined by a blank line, follow BOS as the template puts them, and must come first: the template moves a later one
-    to the front, which is not prefix-stable, so it is refused. Content is not stripped and a reply's reasoning (up to
-    </think>) is kept, as in V3's template (R1's drops it); special-token text in it stays text, so a user cannot
-    forge a turn. Otherwise the ids are the template's, and prefix-stable. The model answers until
-    <｜end▁of▁sentence｜>."""
-    names = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>")
+    and for a tokenizer without <｜User｜> (V2 and V2-Lite Chat) V2's: "<｜begin▁of▁sentence｜>You are terse.\n\nUser:
+    Hi!\n\nAssistant: Hello.<｜end▁of▁sentence｜>User: Who are you?\n\nAssistant:". V3's system messages (joined by a
+    blank line) must come first: its template moves a later one to the front, not prefix-stable, so that is refused.
+    Content is not stripped, a reply's reasoning (up to </think>) is kept (R1's template drops it), special-token text
+    in it stays text (no forged turns); otherwise the ids are the template's, prefix-stable. Replies end with EOS."""
+    names = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>")
     if absent := [n for n in names if n not in tok.special_tokens]:
-        raise errors.BadInput(f"the tokenizer lacks {', '.join(absent)}: not a DeepSeek-V3 tokenizer")
-    bos, eos, user, assistant = (tok.special_tokens[n] for n in names)
+        raise errors.BadInput(f"the tokenizer lacks {', '.join(absent)}: not a DeepSeek tokenizer")
+    bos, eos, user, assistant = (tok.special_tokens.get(n) for n in (*names, "<｜User｜>", "<｜Assistant｜>"))
 
     def text(s):   # the text between two special tokens is tokenized whole, as HF does
         return tok.encode(s, allowed_special="none")
@@ -635,9 +631,15 @@ def encode_chat(tok, messages, add_generation_prompt=True):
                 m.get("content"), str):
             raise ValueError(f"messages[{i}] must be a dict with 'role' system, user or assistant and a string "
                              f"'content', got {m!r}")
-        if m["role"] == "system" and i and messages[i - 1]["role"] != "system":
+        if m["role"] == "system" and i and messages[i - 1]["role"] != "system" and user is not None:
             raise ValueError(f"messages[{i}]: a system message after the first user or assistant turn (DeepSeek-V3's "
                              f"template moves it to the start); put the system messages first")
+    if user is None:   # V2: the roles are text, and the text from one reply's EOS to the next is tokenized whole
+        ids, run = [bos], ""
+        for m in messages:
+            run += {"system": "{}\n\n", "user": "User: {}\n\n"}.get(m["role"], "Assistant: {}").format(m["content"])
+            ids, run = (ids + text(run) + [eos], "") if m["role"] == "assistant" else (ids, run)
+        return ids + text(run + "Assistant:" * add_generation_prompt)
     n = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     ids = [bos] + text("\n\n".join(m["content"] for m in messages[:n]))
     for m in messages[n:]:

@@ -1,4 +1,4 @@
-"""DeepSeek-V3's chat format (encode_chat) against the official DeepSeek-V3 chat template, through transformers.
+"""DeepSeek's chat formats (encode_chat) against the official V3 and V2 chat templates, through transformers.
 
 deepseek_v3_chat_template.jinja in tests/data is the template of the HF repo deepseek-ai/DeepSeek-V3 (its
 tokenizer_config.json "chat_template", which convert_hf_to_gguf.py copies into a GGUF's tokenizer.chat_template),
@@ -8,6 +8,12 @@ packages/ollama-utils/src/chat-template-automap.ts, commit 007948d5aac310316dd57
 "library/deepseek-v3:671b", field gguf (the template in Ollama's DeepSeek-V3 GGUF); a JavaScript string literal,
 decoded with node. The same text is in Together's model list for deepseek-ai/DeepSeek-V3 (V3-0324) as found by the
 code search. DeepSeek-R1's template differs (it drops a reply's text up to </think> and prompts with <think>\\n).
+
+deepseek_v2_chat_template.jinja is the "chat_template" of DeepSeek-V2-Chat's (and V2-Lite-Chat's) tokenizer_config.json,
+as a DeepSeek-V2 model card found by the code search quotes it (its '\\n\\n' are Jinja escapes, rendered as line
+breaks). The same text is what llama.cpp's llm_chat_detect_template recognizes as LLM_CHAT_TEMPLATE_DEEPSEEK_2 (by
+"'Assistant: ' + message['content'] + eos_token") and axolotl ships as "deepseek_v1" (DeepSeek LLM's, which V2 kept).
+DeepSeek-V2.5 uses V3's <｜User｜> tokens instead; encode_chat tells the two formats apart by the tokenizer.
 """
 import hashlib
 import json
@@ -203,12 +209,10 @@ def test_bad_messages_and_a_tokenizer_without_the_deepseek_tokens(deepseek):
         with pytest.raises(ValueError, match=r"messages\[0\] must be a dict with 'role' system, user or assistant"):
             encode_chat(tok, bad)
     bytes_only = bpe.train("", 257, special_tokens={"<|endoftext|>": 256})
-    with pytest.raises(errors.BadInput, match=f"the tokenizer lacks {BOS}, {EOS}, {USER}, {ASSISTANT}: not a "
-                                              f"DeepSeek-V3 tokenizer"):
+    with pytest.raises(errors.BadInput, match=f"the tokenizer lacks {BOS}, {EOS}: not a DeepSeek tokenizer"):
         encode_chat(bytes_only, [user("hi")])
-    base = bpe.train("", 259, pattern="deepseek_v3", special_tokens=[BOS, EOS, PAD])   # a DeepSeek base tokenizer
-    with pytest.raises(errors.BadInput, match=f"the tokenizer lacks {USER}, {ASSISTANT}: not"):
-        encode_chat(base, [])
+    with pytest.raises(errors.BadInput, match=f"the tokenizer lacks {EOS}: not a DeepSeek tokenizer"):
+        encode_chat(bpe.train("", 258, special_tokens=[BOS]), [user("hi")])
 
 
 def test_prepare_data_chat_jsonl_masks_the_replies(deepseek, tmp_path, monkeypatch):
@@ -234,3 +238,72 @@ def test_prepare_data_chat_jsonl_masks_the_replies(deepseek, tmp_path, monkeypat
     replies = [m["content"] for c in convs[:n_train] for m in c if m["role"] == "assistant"]
     assert [tok.decode(s) for s in spans(ids, mask)] == [r + EOS for r in replies]
     assert json.loads((out / "meta.json").read_text())["chat_model"] == model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# DeepSeek-V2 (Chat, Lite-Chat): roles as text, and a tokenizer with HF's Digits pre-tokenizer
+
+TEMPLATE_V2 = ("deepseek_v2_chat_template.jinja", "5b0c475e85b3954175a606f8e7540ec0c6a16edb516e2b8cd0c000dff7b1ad65")
+# the shape of DeepSeek-V2's tokenizer.json chain (DeepSeek LLM's): line breaks, letter runs (V2's class is longer),
+# punctuation runs, trailing blanks, CJK runs, each digit (Digits, individual_digits), then ByteLevel without regex
+V2_SPLITS = [r"[\r\n]", r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿ]+", r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", r"[一-龥ࠀ-一가-퟿]+"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_v2(tmp_path_factory):
+    """(HF tokenizer, bpe.py tokenizer) of a small DeepSeek-V2-style BPE (BOS, EOS first), in a V2-Chat repo's
+    tokenizer.json + tokenizer_config.json with V2's template (BOS added by default, no role tokens)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        *(pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in V2_SPLITS),
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    root = Path(__file__).resolve().parent.parent
+    corpus = [p.read_text() for p in sorted(root.glob("*.py")) + sorted((DATA / "bpe_corpus").glob("*.txt"))]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=800, special_tokens=[BOS, EOS], show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, 0)])
+    d = tmp_path_factory.mktemp("deepseek_v2")
+    tok.save(str(d / "tokenizer.json"))
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": token(BOS), "eos_token": token(EOS),
+              "pad_token": token(EOS), "unk_token": None, "legacy": True, "model_max_length": 16384,
+              "tokenizer_class": "LlamaTokenizerFast", "chat_template": (DATA / TEMPLATE_V2[0]).read_text()}
+    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return transformers.AutoTokenizer.from_pretrained(str(d)), bpe.load(d)
+
+
+def test_v2_template_is_stored_verbatim_and_bpe_loads_the_digits_tokenizer(deepseek_v2):
+    name, sha = TEMPLATE_V2
+    assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == sha, f"{name} was edited"
+    hf, tok = deepseek_v2
+    assert tok.pattern == (*V2_SPLITS, r"\p{N}") and tok.add_bos and tok.eos_ids == [1]
+    root = Path(__file__).resolve().parent.parent
+    for text in ["x=12345; 3.14159 ١٢٣ ½ 你好世界abc .foo 's カタカナ\n\n  x \r\n", (root / "gpt2.py").read_text(),
+                 *(p.read_text() for p in sorted((DATA / "bpe_corpus").glob("*.txt")) if EOS not in p.read_text())]:
+        assert tok.encode(text) == hf(text, add_special_tokens=False)["input_ids"], text[:60]
+    assert [tok.decode([i]) for i in tok.encode("1234")] == ["1", "2", "3", "4"]   # each digit alone
+
+
+@pytest.mark.parametrize("dialog", PROMPTS + DIALOGS + [[user("a"), assistant("b"), system("late"), user("c")]])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_v2_ids_equal_apply_chat_template(deepseek_v2, dialog, add_generation_prompt):
+    hf, tok = deepseek_v2
+    ids = encode_chat(tok, dialog, add_generation_prompt=add_generation_prompt)
+    assert ids == hf_ids(hf, dialog, add_generation_prompt=add_generation_prompt)
+    assert ids.count(tok.eos_ids[0]) == sum(m["role"] == "assistant" for m in dialog)
+
+
+def test_v2_format_in_text_and_masked_replies(deepseek_v2):
+    """V2's layout in words; prepare_data masks each reply (after "Assistant:") through its EOS."""
+    prepare_data = pytest.importorskip("prepare_data")
+    _, tok = deepseek_v2
+    dialog = [system("Be terse."), user("Hi"), assistant("Yo"), user("2+2?"), assistant("4")]
+    assert tok.decode(encode_chat(tok, dialog[:4])) == (
+        f"{BOS}Be terse.\n\nUser: Hi\n\nAssistant: Yo{EOS}User: 2+2?\n\nAssistant:")
+    for d in DIALOGS + [dialog]:
+        ids, mask = prepare_data.chat_example(SimpleNamespace(__name__="deepseek", encode_chat=encode_chat), tok, d,
+                                              "test")
+        assert [tok.decode(s) for s in spans(ids, mask)] == [" " + m["content"] + EOS for m in d
+                                                               if m["role"] == "assistant"]
