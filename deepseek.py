@@ -276,11 +276,12 @@ class Attention(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin)                                           # (B, T, nh, dr)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
         c, k_pe = self.kv_a_layernorm(c), apply_rope(k_pe, cos, sin)                # (B, T, r), (B, T, dr): one head
-        if cache is None:   # naive: every head's k_nope and v, b s h d / b t h d, as in standard attention
-            k_nope, v = self.kv_b_proj(c).view(B, T, self.n_head, -1).split([self.dn, self.dv], -1)
+        c, k_pe = (c, k_pe) if cache is None else cache.update(pos, c, k_pe)      # (B, S, r), (B, S, dr); S: keys
+        naive = cache is None or T > 1   # training and prefill: T queries make expanding k and v worth it
+        if naive:   # every head's k_nope and v, b s h d / b t h d, as in standard attention
+            k_nope, v = self.kv_b_proj(c).view(B, c.size(1), self.n_head, -1).split([self.dn, self.dv], -1)
             scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
-        else:   # absorbed: q_nope . (W_uk c) = (W_uk^T q_nope) . c, so attention runs on the cached latents
-            c, k_pe = cache.update(pos, c, k_pe)                                    # (B, pos+T, r), (B, pos+T, dr)
+        else:   # absorbed decoding: q_nope . (W_uk c) = (W_uk^T q_nope) . c, so attention runs on the cached latents
             w = self.kv_b_proj.weight.view(self.n_head, self.dn + self.dv, self.kv_lora_rank)
             q_c = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :self.dn])            # (B, T, nh, r)
             scores = torch.einsum("bshc,btc->bsht", q_c, c) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
@@ -289,7 +290,7 @@ class Attention(nn.Module):
         mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         scores = scores if mask is None else scores.masked_fill(~mask[None, :, None], float("-inf"))
         p = F.dropout(scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype), self.dropout, self.training)
-        if cache is None:
+        if naive:
             y = torch.einsum("bsht,bthd->bshd", p, v)                               # (B, T, nh, dv)
         else:   # sum_t p_t W_uv c_t = W_uv (sum_t p_t c_t): W_uv applied once, after the sum
             y = torch.einsum("bshc,hdc->bshd", torch.einsum("bsht,btc->bshc", p, c), w[:, self.dn:])
@@ -329,8 +330,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
         self.sigmoid, self.top_k, self.norm, self.scaling = (config.scoring_func == "sigmoid", config.n_experts_per_tok,
                                                              config.norm_topk_prob, config.routed_scaling_factor)
-        self.n_group = config.n_group if config.topk_method != "greedy" else 1
-        self.topk_group = config.topk_group
+        self.n_group, self.topk_group = config.n_group if config.topk_method != "greedy" else 1, config.topk_group
 
     def forward(self, x):
         logits = F.linear(x.float(), self.weight.float())
