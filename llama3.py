@@ -341,8 +341,7 @@ class Llama(nn.Module):
         meta_dir = _meta_dir(directory)
         config, state = (_load_hf(directory, dtype) if meta_dir is None
                          else _load_meta(meta_dir, directory, dtype, rope_scale_factor))
-        if rope_scale_factor is not None:
-            config.rope_scale_factor = float(rope_scale_factor)
+        config.rope_scale_factor = config.rope_scale_factor if rope_scale_factor is None else float(rope_scale_factor)
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state, strict=False, assign=True)
@@ -492,9 +491,7 @@ def encode_chat(tok, messages, add_generation_prompt=True):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {m!r}")
         ids += header(m["role"]) + tok.encode(m["content"].strip(), allowed_special="none") + [eot]
-    if add_generation_prompt:
-        ids += header("assistant")
-    return ids
+    return ids + header("assistant") if add_generation_prompt else ids
 
 
 Model = Llama

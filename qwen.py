@@ -470,8 +470,7 @@ def encode_chat(tok, messages, add_generation_prompt=True, enable_thinking=None)
     roles, names = ("system", "user", "assistant"), ("<|im_start|>", "<|im_end|>")
     if absent := [n for n in names if n not in tok.special_tokens]:
         raise errors.BadInput(f"the tokenizer lacks {', '.join(absent)}: not a Qwen tokenizer")
-    start, end = (tok.special_tokens[n] for n in names)
-    think, unthink = (tok.special_tokens.get(n) for n in ("<think>", "</think>"))
+    start, end, think, unthink = (tok.special_tokens.get(n) for n in (*names, "<think>", "</think>"))
     qwen3 = think is not None and unthink is not None
 
     def text(s):   # the text between two special tokens is tokenized whole, as HF does
@@ -490,11 +489,8 @@ def encode_chat(tok, messages, add_generation_prompt=True, enable_thinking=None)
     for m in messages:
         reply = qwen3 and m["role"] == "assistant" and "</think>" in m["content"]
         ids += turn(m["role"], m["content"].split("</think>")[-1].lstrip("\n") if reply else m["content"])
-    if add_generation_prompt:
-        ids += [start] + text("assistant\n")
-        if qwen3 and enable_thinking is False:
-            ids += [think] + text("\n\n") + [unthink] + text("\n\n")
-    return ids
+    empty_think = [think] + text("\n\n") + [unthink] + text("\n\n") if qwen3 and enable_thinking is False else []
+    return ids + [start] + text("assistant\n") + empty_think if add_generation_prompt else ids
 
 
 Model = Qwen
