@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import checkpoint_io
 import errors
 import hub
+import lora
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -252,15 +253,14 @@ class Attention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        C, nh, self.q_lora_rank, self.kv_lora_rank = config.n_embd, config.n_head, config.q_lora_rank, \
-            config.kv_lora_rank
+        C, nh, self.kv_lora_rank = config.n_embd, config.n_head, config.kv_lora_rank
         self.n_head, self.dn, self.dr, self.dv = nh, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-        if self.q_lora_rank is None:
+        if config.q_lora_rank is None:
             self.q_proj = nn.Linear(C, nh * (self.dn + self.dr), bias=False)
         else:
-            self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)   # eps 1e-6, not rms_norm_eps (HF, official)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, nh * (self.dn + self.dr), bias=False)
+            self.q_a_proj = nn.Linear(C, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, 1e-6)   # eps 1e-6, not rms_norm_eps (HF, official)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, nh * (self.dn + self.dr), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(C, self.kv_lora_rank + self.dr, bias=False)   # the latent c and k_pe
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.dn + self.dv), bias=False)   # c -> k_nope, v
@@ -271,7 +271,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, _ = x.size()
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, self.n_head, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)                                           # (B, T, nh, dr)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
@@ -343,8 +343,7 @@ class Router(nn.Module):
             choice = choice.masked_fill(~keep.repeat_interleave(groups.size(-1), dim=1), float("-inf"))
         idx = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) if self.norm else weights
-        return weights * self.scaling, idx, scores
+        return (weights / (weights.sum(-1, keepdim=True) + 1e-20) if self.norm else weights) * self.scaling, idx, scores
 
 
 class MoE(nn.Module):
@@ -476,10 +475,9 @@ class DeepSeek(nn.Module):
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context length block_size="
                              f"{self.config.block_size}")
-        c, emb = self.config, self.model.embed_tokens(idx)                 # (B, T, C)
-        cos, sin = self.rope(pos, T, torch.get_autocast_dtype(emb.device.type)
-                             if torch.is_autocast_enabled(emb.device.type) else emb.dtype)
-        x = emb
+        c, x = self.config, self.model.embed_tokens(idx)                   # (B, T, C)
+        cos, sin = self.rope(pos, T, torch.get_autocast_dtype(x.device.type)
+                             if torch.is_autocast_enabled(x.device.type) else x.dtype)
         for i, block in enumerate(self.model.layers[:c.n_layer]):
             x = block(x, cos, sin, cache[i] if cache is not None else None, pos)
         h, x = x, x[:, -1:] if last_only else x                             # (B, 1, C) or (B, T, C)
@@ -492,7 +490,7 @@ class DeepSeek(nn.Module):
             loss = loss + c.router_aux_loss_coef * aux if self.training and loss is not None else loss
         if c.mtp_loss_weight > 0 and targets is not None and cache is None and T > 1:
             # position t: h_t and the embedding of token t+1 predict token t+2 (= targets[t+1])
-            mtp = self.model.layers[c.n_layer](h[:, :-1], emb[:, 1:], cos[:-1], sin[:-1])
+            mtp = self.model.layers[c.n_layer](h[:, :-1], self.model.embed_tokens(idx[:, 1:]), cos[:-1], sin[:-1])
             mtp_loss = F.cross_entropy(self.lm_head(mtp).float().flatten(0, 1), targets[:, 1:].reshape(-1),
                                        ignore_index=-100)
             self.mtp_loss = mtp_loss.detach()
@@ -527,6 +525,8 @@ class DeepSeek(nn.Module):
     def from_pretrained(cls, source, *, dtype=None, device=None):
         """source: a directory, hub id or PRESETS name; dtype None: float32 (FP8 weights dequantized to it)."""
         directory = Path(hub.resolve(source if Path(source).is_dir() else HUB_IDS.get(source, source)))
+        if (directory / lora.CONFIG).is_file():   # a LoRA run's adapter (PEFT's layout): its base, merged
+            return lora.from_pretrained(cls, directory, dtype=dtype, device=device)
         config, state = _load_hf(directory, dtype or torch.float32)
         with torch.device("meta"):
             model = cls(config)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import checkpoint_io
 import hub
+import lora
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -233,6 +234,8 @@ class GPT(nn.Module):
         """source: a directory in the official layout (ours or OpenAI's), a hub repo id, or a PRESETS name.
         dtype: the parameters' dtype (None: float32, whatever the files hold)."""
         directory = Path(hub.resolve(source if Path(source).is_dir() else HUB_IDS.get(source, source)))
+        if (directory / lora.CONFIG).is_file():   # a LoRA run's adapter (PEFT's layout): its base, merged
+            return lora.from_pretrained(cls, directory, dtype=dtype, device=device)
         dtype = dtype or torch.float32
         config, state = _load_hf(directory, dtype)
         with torch.device("meta"):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import checkpoint_io
 import errors
 import hub
+import lora
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -337,6 +338,8 @@ class Llama(nn.Module):
         a hub repo id, or a PRESETS name. dtype: the parameters' dtype (None: float32, whatever the files hold).
         rope_scale_factor: Llama 3.1's RoPE scale factor, over the checkpoint's; Meta's params.json lacks it."""
         directory = Path(hub.resolve(source if Path(source).is_dir() else HUB_IDS.get(source, source)))
+        if (directory / lora.CONFIG).is_file():   # a LoRA run's adapter (PEFT's layout): its base, merged
+            return lora.from_pretrained(cls, directory, dtype=dtype, device=device)
         dtype = dtype or torch.float32
         meta_dir = _meta_dir(directory)
         config, state = (_load_hf(directory, dtype) if meta_dir is None

@@ -61,7 +61,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html
 # the UTF-8 byte count of each token id, for train.py's val_bpb (meta.json names it)
 TOKEN_BYTES = "token_bytes.npy"
 # what a dataset directory holds (and the .tmp files of older versions): anything else there is not replaced
-DATASET_FILES = {"tokenizer", "train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "meta.json", TOKEN_BYTES}
+DATASET_FILES = {"tokenizer", "train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "meta.json", TOKEN_BYTES} | {
+    f"{split}.{array}.npy" for split in ("train", "val") for array in (   # classification, preference pairs
+        "ids", "labels", "chosen", "rejected", "prompt_len", "chosen_len", "rejected_len")}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -475,35 +477,57 @@ def main(argv=None):
     p.add_argument("--input", default=None, help="a local text file or folder of text files")
     p.add_argument("--chat_jsonl", default=None, help="instruction data: JSONL of {\"messages\": [...]} "
                    "(needs --model and --tokenizer <model dir or hub id>)")
-    p.add_argument("--model", default=None,
-                   help=f"model file whose chat format --chat_jsonl uses: {' | '.join(sample.MODELS)}")
+    p.add_argument("--classify", default=None, help="classification data: a CSV (with a header row) or JSONL of "
+                   "texts and labels (see --text_field, --label_field)")
+    p.add_argument("--dpo_jsonl", default=None, help="preference pairs: JSONL of {\"prompt\" or \"messages\", "
+                   "\"chosen\", \"rejected\"} (needs --model and --tokenizer)")
+    p.add_argument("--model", default=None, help=f"model file whose chat format --chat_jsonl and --dpo_jsonl use: "
+                   f"{' | '.join(sample.MODELS)}")
     p.add_argument("--name", default=None, help="output name under --out_dir (default: dataset or input name)")
     p.add_argument("--tokenizer", default="bpe", help="bytes | bpe | gpt2 | a model directory or hub id")
     p.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size for --tokenizer bpe")
     p.add_argument("--gpt2_dir", default=None, help="folder with the official encoder.json + vocab.bpe")
     p.add_argument("--out_dir", default="data")
     p.add_argument("--max_mb", type=float, default=8.0, help="size cap for folder datasets, in MB of text")
-    p.add_argument("--val_fraction", type=float, default=0.05)
+    p.add_argument("--val_fraction", type=float, default=None, help="held-out share (default: 0.05; 0.1 for "
+                   "--classify and --dpo_jsonl)")
+    p.add_argument("--text_field", default="text", help="--classify: the column or JSON field of the text")
+    p.add_argument("--label_field", default="label", help="--classify: the column or JSON field of the label")
+    p.add_argument("--max_len", type=int, default=None, help="--classify, --dpo_jsonl: tokens per example, longer "
+                   "ones cut (default: 256, 512)")
     a = p.parse_args(argv)
     for flag, value in vars(a).items():
         if isinstance(value, str) and not value.strip():
             raise BadInput(f"--{flag} is empty")
-    for flag in ("input", "chat_jsonl", "tokenizer", "gpt2_dir", "out_dir"):   # "--flag=~/x" comes unexpanded
-        setattr(a, flag, getattr(a, flag) and os.path.expanduser(getattr(a, flag)))
+    for flag in ("input", "chat_jsonl", "classify", "dpo_jsonl", "tokenizer", "gpt2_dir", "out_dir"):
+        setattr(a, flag, getattr(a, flag) and os.path.expanduser(getattr(a, flag)))   # "--flag=~/x" comes unexpanded
     if a.gpt2_dir is not None and a.tokenizer != "gpt2":
         raise BadInput(f"--gpt2_dir is for --tokenizer gpt2, not {a.tokenizer}")
-    if a.chat_jsonl is None:
-        if a.model is not None:
-            raise BadInput("--model is for --chat_jsonl (the chat format of instruction data)")
-        prepare(a.dataset, a.input, a.name, a.tokenizer, a.vocab_size, a.out_dir, a.max_mb, a.val_fraction,
-                a.gpt2_dir)
-    elif a.input is not None:
-        raise BadInput("--chat_jsonl and --input: give one of them")
-    elif a.model is None:
-        raise BadInput(f"--chat_jsonl needs --model ({' | '.join(sample.MODELS)}) and --tokenizer <model dir or "
+    given = [f"--{k}" for k in ("chat_jsonl", "classify", "dpo_jsonl", "input") if getattr(a, k) is not None]
+    if len(given) > 1:
+        raise BadInput(f"{' and '.join(given)}: give one of them")
+    if a.model is not None and a.chat_jsonl is None and a.dpo_jsonl is None:
+        raise BadInput("--model is for --chat_jsonl and --dpo_jsonl (the chat format of the data)")
+    if (a.chat_jsonl or a.dpo_jsonl) and a.model is None:
+        raise BadInput(f"{given[0]} needs --model ({' | '.join(sample.MODELS)}) and --tokenizer <model dir or "
                        f"hub id>")
+    if a.max_len is not None and not (a.classify or a.dpo_jsonl):
+        raise BadInput("--max_len is for --classify and --dpo_jsonl")
+    for flag in ("text_field", "label_field"):
+        if getattr(a, flag) != p.get_default(flag) and not a.classify:
+            raise BadInput(f"--{flag} is for --classify")
+    fraction = a.val_fraction if a.val_fraction is not None else 0.1 if a.classify or a.dpo_jsonl else 0.05
+    if a.classify:
+        import classifier   # it builds on this module
+        classifier.prepare(a.classify, a.tokenizer, a.text_field, a.label_field, a.name, a.out_dir, fraction,
+                           a.max_len or 256, a.gpt2_dir, a.vocab_size)
+    elif a.dpo_jsonl:
+        import dpo
+        dpo.prepare(a.dpo_jsonl, a.model, a.tokenizer, a.name, a.out_dir, fraction, a.max_len or 512)
+    elif a.chat_jsonl:
+        prepare_chat(a.chat_jsonl, a.model, a.tokenizer, a.name, a.out_dir, fraction)
     else:
-        prepare_chat(a.chat_jsonl, a.model, a.tokenizer, a.name, a.out_dir, a.val_fraction)
+        prepare(a.dataset, a.input, a.name, a.tokenizer, a.vocab_size, a.out_dir, a.max_mb, fraction, a.gpt2_dir)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import checkpoint_io
 import errors
 import hub
+import lora
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -407,6 +408,8 @@ class Qwen(nn.Module):
     def from_pretrained(cls, source, *, dtype=None, device=None):
         """source: an official-layout directory, a hub repo id, or a PRESETS name; dtype: None is float32."""
         directory = Path(hub.resolve(source if Path(source).is_dir() else HUB_IDS.get(source, source)))
+        if (directory / lora.CONFIG).is_file():   # a LoRA run's adapter (PEFT's layout): its base, merged
+            return lora.from_pretrained(cls, directory, dtype=dtype, device=device)
         config, state = _load_hf(directory, dtype or torch.float32)
         with torch.device("meta"):
             model = cls(config)

@@ -158,6 +158,9 @@ def resolve_source(source, family=None):
             if source in module.PRESETS:
                 return module, hub.resolve(module.HUB_IDS[source])
     directory = hub.resolve(source)
+    adapter = Path(directory) / "adapter_config.json"
+    if family is None and adapter.is_file():   # a LoRA adapter (a LoRA run's checkpoint): the family of its base
+        return resolve_source(str(checkpoint_io.read_json(adapter).get("base_model_name_or_path")))[0], directory
     if family is None:
         family = FAMILIES[_model_type(Path(directory) / "config.json")]
     return importlib.import_module(family), directory

@@ -47,7 +47,10 @@ except ImportError:
 
 import bpe
 import checkpoint_io
+import classifier
+import dpo
 import errors
+import lora
 import sample
 from errors import BadInput, os_error_line
 
@@ -106,6 +109,14 @@ def parse_args(argv=None):
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
+    g = p.add_argument_group("fine-tuning (with --init_from)")
+    g.add_argument("--lora_rank", type=int, default=0, help="LoRA: train rank-r adapters only (0: every weight)")
+    g.add_argument("--lora_alpha", type=_literal, default=None, help="LoRA's scale is alpha / rank (default: rank)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora_targets", default="attention", help="attention | mlp | all | module names (q_proj, "
+                   "attn.c_proj, ...), comma-separated")
+    g.add_argument("--dpo_beta", type=float, default=0.1, help="DPO's beta, for preference data (prepare_data "
+                   "--dpo_jsonl): how far the policy may move from the reference")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
@@ -181,10 +192,21 @@ def validate(args, module):
             raise BadInput(f"--{name} {value!r}: expected {bounds}")
     if args.min_lr is not None and args.min_lr > args.lr:
         raise BadInput(f"--min_lr {args.min_lr} is above --lr {args.lr}: the cosine decays from lr down to min_lr")
+    if not _is_int(args.lora_rank) or args.lora_rank < 0:
+        raise BadInput(f"--lora_rank {args.lora_rank!r}: expected an integer >= 0 (0: no LoRA)")
+    if args.lora_rank and args.init_from == "scratch":
+        raise BadInput(f"--lora_rank {args.lora_rank}: LoRA adapts pretrained weights; give --init_from (a preset, "
+                       f"hub id or checkpoint)")
+    if args.lora_alpha is not None and not (_is_number(args.lora_alpha) and args.lora_alpha > 0):
+        raise BadInput(f"--lora_alpha {args.lora_alpha!r}: expected a number > 0 (default: the rank)")
+    if not (_is_number(args.lora_dropout) and 0 <= args.lora_dropout < 1):
+        raise BadInput(f"--lora_dropout {args.lora_dropout!r}: expected a probability in [0, 1)")
+    if not (_is_number(args.dpo_beta) and args.dpo_beta > 0):
+        raise BadInput(f"--dpo_beta {args.dpo_beta!r}: expected a number > 0")
     for name in ("compile", "resume"):
         if not isinstance(getattr(args, name), bool):
             raise BadInput(f"--config: {name} {getattr(args, name)!r}: expected true or false")
-    for name in ("data", "out_dir", "init_from", "device", "dtype"):
+    for name in ("data", "out_dir", "init_from", "device", "dtype", "lora_targets"):
         if not isinstance(getattr(args, name), str) or not getattr(args, name):
             raise BadInput(f"--{name} {getattr(args, name)!r}: expected a non-empty string")
     hints = typing.get_type_hints(module.Config)
@@ -236,6 +258,12 @@ def _type_name(hint):
     return " or ".join(names).replace("NoneType", "None")
 
 
+# What prepare_data.py writes besides token shards: labelled texts, and (prompt, chosen, rejected) pairs for DPO
+TASKS = {"classification": classifier.ClassData, "preference": dpo.PreferenceData}
+TASK_FIGURES = {"classification": ("accuracy",), "preference": ("reward_margin", "reward_accuracy", "chosen_reward",
+                                                                 "rejected_reward")}   # logged beside the loss
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Data: memory-mapped token shards. A step's global batch is a pure function of (seed, step), so a resumed run
 # sees exactly the batches it would have seen; each (micro-step, rank) takes its own slice of that global batch,
@@ -257,6 +285,8 @@ def read_meta(directory):
         raise BadInput(f"{path}: not valid JSON ({e}); run prepare_data.py again") from None
     if not isinstance(meta, dict):
         raise BadInput(f"{path}: expected a JSON object")
+    if meta.get("task") not in (None, *TASKS):
+        raise BadInput(f"{path}: task {meta['task']!r}: expected one of {', '.join(TASKS)} (or none: token shards)")
     for key, ok, expected in (
             ("vocab_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
             ("dtype", lambda v: v in ("uint16", "uint32"), "'uint16' or 'uint32'"),
@@ -266,13 +296,15 @@ def read_meta(directory):
             ("loss_mask", lambda v: isinstance(v, bool), "true or false"),
             ("token_bytes", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
              "the name of a file beside meta.json")):
+        if meta.get("task") and key != "vocab_size":
+            continue   # a task's data class checks its own files and keys
         if key not in meta and key in ("eot_id", "loss_mask", "token_bytes"):   # older datasets lack them
             continue
         if key not in meta:
             raise BadInput(f"{path}: lacks key {key!r} ({expected})")
         if not ok(meta[key]):
             raise BadInput(f"{path}: {key} is {meta[key]!r}, expected {expected}")
-    if meta["dtype"] == "uint16" and meta["vocab_size"] > 2**16:
+    if not meta.get("task") and meta["dtype"] == "uint16" and meta["vocab_size"] > 2**16:
         raise BadInput(f"{path}: dtype uint16 cannot hold the ids of a {meta['vocab_size']}-token vocabulary")
     return meta
 
@@ -458,15 +490,17 @@ def trim_metrics(path, step):
     checkpoint_io.atomic_write(path, "".join(rows))
 
 
-def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, data_dir, link_names, extra=None):
-    """Write ckpt-<step>/ (official layout + train_state.pt) into a temp dir, rename it, swap the symlinks."""
+def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, data_dir, link_names, extra=None,
+                    save_model=None):
+    """Write ckpt-<step>/ (official layout + train_state.pt) into a temp dir, rename it, swap the symlinks.
+    save_model(directory) writes the weights (default: model.save_pretrained)."""
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step:07d}"
     last = out_dir / "last"
     if not (last.is_symlink() and os.readlink(last) == final.name):   # else saved already (Ctrl-C after an eval)
         tmp = out_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
         try:
-            model.save_pretrained(tmp)
+            (save_model or model.save_pretrained)(tmp)
             tok_dir = Path(data_dir) / "tokenizer"
             if tok_dir.is_dir():
                 for f in tok_dir.iterdir():
@@ -501,6 +535,16 @@ def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, dat
     for d in out_dir.glob("ckpt-*"):
         if d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def load_run(module, ckpt_dir, task):
+    """A run's checkpoint as it trains: a LoRA run's base with its adapter (unmerged), a classifier with its head."""
+    if (ckpt_dir / lora.CONFIG).is_file():
+        base = checkpoint_io.read_json(ckpt_dir / lora.CONFIG).get("base_model_name_or_path")
+        return lora.load_unmerged(module.Model.from_pretrained(base), ckpt_dir)
+    if task == "classification":
+        return classifier.from_pretrained(module, ckpt_dir)
+    return module.Model.from_pretrained(str(ckpt_dir))
 
 
 def load_train_state(ckpt_dir):
@@ -619,8 +663,15 @@ def _train(args, module, master):
         if ddp:
             dist.barrier()
     meta = read_meta(data_dir)
+    task = meta.get("task")   # None: language modeling on token shards
+    if task == "preference" and args.init_from == "scratch":
+        raise BadInput(f"--data {data_dir}: preference pairs (DPO) tune a pretrained model against itself: give "
+                       f"--init_from (the reference is the starting weights)")
+    if task == "classification" and args.lora_rank:
+        raise BadInput(f"--lora_rank {args.lora_rank} with classification data {data_dir}: not supported (the new "
+                       f"head would need PEFT's modules_to_save); fine-tune the classifier fully")
     identity = tokenizer_identity(data_dir, meta)
-    token_bytes = read_token_bytes(data_dir, meta)
+    token_bytes = read_token_bytes(data_dir, meta) if task is None else None
     global_batch = args.batch_size * args.grad_accum * world
 
     # the model: resumed, fine-tuned from weights, or new
@@ -628,7 +679,7 @@ def _train(args, module, master):
     if args.resume:
         last = out_dir / "last"
         state = load_train_state(last)
-        model = module.Model.from_pretrained(str(last.resolve()))
+        model = load_run(module, last.resolve(), task)
         check_resume(state, args, model.config, identity, global_batch, out_dir)
         if state["step"] >= args.max_steps:   # a finished run requeued by a scheduler: nothing to do
             log(f"{last} is at step {state['step']} of --max_steps {args.max_steps}: nothing to train "
@@ -657,18 +708,47 @@ def _train(args, module, master):
             raise BadInput(f"{args.model}.Config: {e}") from None
         model = module.Model(config)
     config = model.config
-    if args.seq_len > config.block_size:
-        raise BadInput(f"--seq_len {args.seq_len} exceeds the model's context length {config.block_size}")
+    data = TASKS[task](data_dir, meta, config.vocab_size) if task else None
+    seq_len = data.seq_len if task else args.seq_len   # a task's: its widest example
+    if seq_len > config.block_size:
+        raise BadInput(f"--seq_len {seq_len} exceeds the model's context length {config.block_size}" if task is None
+                       else f"--data {data_dir}: examples of up to {seq_len} tokens exceed the model's context length "
+                       f"{config.block_size} (prepare_data --max_len)")
     for name in ("bos_token_id", "eos_token_id"):
         ids = getattr(config, name, None)
         for i in ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]:
             if not 0 <= i < config.vocab_size:
                 raise BadInput(f"--{name} {i}: outside the vocabulary of {config.vocab_size} tokens")
-    data = TokenData(data_dir, args.seq_len, config.vocab_size, meta)
+    data = data or TokenData(data_dir, seq_len, config.vocab_size, meta)
+    base_name = None   # a LoRA run's base, as its adapter_config.json names it for PEFT
+    if not args.resume:
+        if task == "classification":
+            classifier.attach_head(model, len(data.labels))
+        if args.lora_rank:
+            targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+            lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+            base_name = (str(Path(args.init_from).resolve()) if Path(args.init_from).is_dir()
+                         else getattr(module, "HUB_IDS", {}).get(args.init_from, args.init_from))
+    elif hasattr(model, "lora_config"):
+        base_name = checkpoint_io.read_json(out_dir / "last" / lora.CONFIG)["base_model_name_or_path"]
+    # DPO's reference, the starting weights: a frozen copy, or with LoRA the base itself with the adapters off
+    frozen = None
+    if task == "preference" and not args.lora_rank:
+        frozen = module.Model.from_pretrained(args.init_from).to(device).eval().requires_grad_(False)
+
+    def reference(ids):
+        if frozen is not None:
+            return frozen(ids)[0]
+        with lora.disabled(raw_model), torch.no_grad():
+            raw_model.eval()   # no dropout, as the frozen copy
+            try:
+                return raw_model(ids)[0]
+            finally:
+                raw_model.train()
     if token_bytes is not None:   # ids of the model past the tokenizer's are no text: 0 bytes
         token_bytes = torch.from_numpy(np.pad(token_bytes.astype(np.int64), (0, config.vocab_size - len(token_bytes))))
         token_bytes = token_bytes.to(device)
-    else:
+    elif task is None:
         log(f"(no val_bpb: {data_dir} has no token byte counts, nor a tokenizer/ of its {meta['vocab_size']} ids "
             f"to count them from; prepare_data.py writes them)")
     model.to(device)
@@ -689,20 +769,60 @@ def _train(args, module, master):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     n_params, n_active = raw_model.num_params(), raw_model.num_params(active=True)
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
-    flops_per_token = raw_model.flops_per_token(args.seq_len)
+    n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    # a task's steps count its examples at their full padded length (pairs twice): an upper bound on the tokens
+    tokens_per_step = args.batch_size * seq_len * args.grad_accum * world * (2 if task == "preference" else 1)
+    flops_per_token = raw_model.flops_per_token(seq_len)
     peak = peak_flops(device)
     log(f"model {args.model}: {n_params / 1e6:.2f}M parameters"
         + (f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else "")
-        + f" | device {device} {dtype} | world {world} | "
-        f"{tokens_per_step:,} tokens/step | data {data_dir} ({data.meta['train_tokens']:,} train tokens)")
+        + (f" | LoRA rank {args.lora_rank} on {len(raw_model.lora_config['targets'])} modules: "
+           f"{n_trainable / 1e6:.3f}M trainable" if hasattr(raw_model, "lora_config") else "")
+        + f" | device {device} {dtype} | world {world} | {tokens_per_step:,} tokens/step | data {data_dir} ("
+        + (f"{data.meta['train_tokens']:,} train tokens)" if task is None else
+           f"{task}: {data.n('train'):,} train and {data.n('val'):,} val examples)"))
     metrics = None
     if master:
         trim_metrics(out_dir / "metrics.jsonl", step)   # a new run (step 0) starts an empty file
         metrics = open(out_dir / "metrics.jsonl", "a")
 
+    def task_loss(batch):
+        """(loss, {figure: 0-dim tensor}) of one batch of a task's examples, through model (DDP's wrapper too)."""
+        if task == "classification":
+            return classifier.loss(model, batch, data.pad_id)
+        return dpo.loss(model, batch, reference, args.dpo_beta)
+
+    def evaluate_task():
+        """Loss and figures (accuracy; DPO's rewards) on eval_iters train batches and on the whole val split."""
+        losses, names = {}, TASK_FIGURES[task]
+        for split in ("train", "val"):
+            if split == "train":
+                batches = (data.batch(split, step_seed(args.seed + 1, -i), args.batch_size, rank, world)
+                           for i in range(args.eval_iters))
+            else:   # each process a stride of the examples; the sums count each example once
+                batches = (data.rows(split, range(i, min(i + args.batch_size, data.n(split))))
+                           for i in range(rank * args.batch_size, data.n(split), world * args.batch_size))
+            total = torch.zeros(2 + len(names), device=device)   # examples, then sums of the loss and each figure
+            for batch in batches:
+                batch = [t.to(device) for t in batch]
+                with torch.no_grad(), autocast:
+                    loss, stats = task_loss(batch)
+                n = batch[0].size(0) // (2 if task == "preference" else 1)   # examples (pairs) in the batch
+                total += torch.stack([torch.tensor(float(n), device=device), *(
+                    n * v.float() for v in (loss, *(stats[k] for k in names)))])
+            if ddp:
+                dist.all_reduce(total)
+            means = (total[1:] / total[0]).tolist()
+            losses[split] = means[0]
+            losses |= {f"val_{k}": v for k, v in zip(names, means[1:])} if split == "val" else {}
+        return losses
+
     def evaluate():
         model.eval()
+        if task is not None:
+            losses = evaluate_task()
+            model.train()
+            return losses
         losses = {}
         for split in ("train", "val"):
             # sums of batch losses and of batches, and for val_bpb of the targets' nats and UTF-8 bytes
@@ -734,10 +854,18 @@ def _train(args, module, master):
         nonlocal saved_step
         if master:
             save_checkpoint(out_dir, raw_model, optimizer, scaler, step, best_val, args, data_dir, links,
-                            {"global_batch": global_batch, "tokenizer": identity})
+                            {"global_batch": global_batch, "tokenizer": identity}, save_model)
         if ddp:
             dist.barrier()
         saved_step = step
+
+    def save_model(directory):   # the official layout: PEFT's for an adapter, the family's classifier for labels
+        if base_name is not None:
+            lora.save_adapter(raw_model, directory, base_name)
+        elif task == "classification":
+            classifier.save_pretrained(raw_model, directory, data.labels, data.pad_id)
+        else:
+            raw_model.save_pretrained(directory)
 
     def record(entry):
         if master:
@@ -761,27 +889,31 @@ def _train(args, module, master):
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
+            loss_sum = torch.zeros(1 + len(TASK_FIGURES.get(task, ())), device=device)   # the loss, a task's figures
             for micro in range(args.grad_accum):
-                x, y = data.batch("train", step_seed(args.seed, step), args.batch_size,
-                                  part=micro * world + rank, parts=args.grad_accum * world)
-                no_targets = data.masks and bool((y == -100).all())
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = data.batch("train", step_seed(args.seed, step), args.batch_size,
+                                   part=micro * world + rank, parts=args.grad_accum * world)
+                no_targets = task is None and data.masks and bool((batch[1] == -100).all())
+                batch = [t.to(device, non_blocking=True) for t in batch]
                 # DDP: all-reduce the gradients only on the last micro-step
                 sync = nullcontext() if (not ddp or micro == args.grad_accum - 1) else model.no_sync()
                 with sync:
                     with autocast:
-                        logits, loss = model(x, y)
+                        if task is None:
+                            (logits, loss), stats = model(*batch), {}
+                        else:
+                            loss, stats = task_loss(batch)
                     load = raw_model.expert_load() if hasattr(raw_model, "expert_load") else None
                     if load is not None:
                         expert_tokens = load.float() + (0 if expert_tokens is None else expert_tokens)
                     if no_targets:   # a window of instruction data without any reply: no loss, zero gradients
                         loss = logits.sum() * 0.0
                     scaler.scale(loss / args.grad_accum).backward()
-                loss_sum += loss.detach().float()
+                loss_sum += torch.stack([loss.detach().float(), *(stats[k] for k in TASK_FIGURES.get(task, ()))])
             if ddp:
                 dist.all_reduce(loss_sum)
-            step_loss = loss_sum.item() / (args.grad_accum * world)
+            step_loss, *figures = (loss_sum / (args.grad_accum * world)).tolist()
+            figures = dict(zip(TASK_FIGURES.get(task, ()), figures))
             if not math.isfinite(step_loss):
                 raise BadInput(f"loss is {step_loss} at step {step + 1}: stopped; the last good checkpoint "
                                     f"is {out_dir / 'last'}" + ("" if (out_dir / "last").exists() else " (none yet)"))
@@ -802,7 +934,7 @@ def _train(args, module, master):
                 dt = time.perf_counter() - t_log
                 tok_s = tokens_since / dt
                 mfu = flops_per_token * tok_s / (peak * world) if peak else None
-                moe = moe_metrics(expert_tokens, raw_model, ddp)
+                moe = figures | moe_metrics(expert_tokens, raw_model, ddp)
                 log(f"step {step:5d} | loss {step_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
                     + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
                     + "".join(f" | {name} {value:.4f}" for name, value in moe.items()))
@@ -814,10 +946,10 @@ def _train(args, module, master):
                 losses = evaluate()
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
-                bpb = {"val_bpb": losses["val_bpb"]} if "val_bpb" in losses else {}
+                extra = {k: v for k, v in losses.items() if k not in ("train", "val")}   # val_bpb, val_accuracy, ...
                 log(f"step {step:5d} | eval: train {losses['train']:.4f} val {losses['val']:.4f}"
-                    + (f" | val_bpb {bpb['val_bpb']:.4f}" if bpb else "") + (" (best)" if improved else ""))
-                record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], **bpb,
+                    + "".join(f" | {k} {v:.4f}" for k, v in extra.items()) + (" (best)" if improved else ""))
+                record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], **extra,
                         "time": time.time()})
                 checkpoint(["last", "best"] if improved else ["last"])
                 t_log, tokens_since = time.perf_counter(), 0
@@ -836,7 +968,7 @@ def _train(args, module, master):
             metrics.close()
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
-    if master and args.sample_tokens > 0:
+    if master and args.sample_tokens > 0 and task is None:
         show_sample(raw_model, data, data_dir, args.sample_tokens, device)
     return raw_model, 0
 
