@@ -9,6 +9,7 @@ Checkpoint files: (sharded) safetensors, config files, and atomic writes.
 Every write goes to a temporary name in the same directory, is fsynced, and is renamed over the target, so a reader
 (or a crash) sees the old file or the new one, never a mix. A damaged or missing file is errors.BadInput naming it.
 """
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import re
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -194,6 +196,13 @@ def fsync_dir(directory):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def save_npy(path, array):
+    """An array as a .npy file (no pickled objects), written atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write(path, buffer.getvalue())
 
 
 def atomic_write(path, data):

@@ -122,8 +122,9 @@ def prepare(path, tokenizer, text_field="text", label_field="label", name=None, 
             ids = np.full((len(rows), width), pad_id, dtype=np.int32)
             for i, row in enumerate(rows):
                 ids[i, :min(len(row), width)] = row[:width]   # the first tokens: a text's start says most of it
-            write_npy(tmp / f"{split}.ids.npy", ids)
-            write_npy(tmp / f"{split}.labels.npy", np.array([ids_of[lb] for _, _, lb in splits[split]], np.int64))
+            checkpoint_io.save_npy(tmp / f"{split}.ids.npy", ids)
+            checkpoint_io.save_npy(tmp / f"{split}.labels.npy",
+                                   np.array([ids_of[lb] for _, _, lb in splits[split]], np.int64))
         meta = {"task": "classification", "dataset": str(path), "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
                 "labels": labels, "pad_id": pad_id, "max_len": max_len, "seq_len": width, "text_field": text_field,
                 "label_field": label_field, "n_train": len(splits["train"]), "n_val": n_val, "truncated": truncated}
@@ -132,11 +133,6 @@ def prepare(path, tokenizer, text_field="text", label_field="label", name=None, 
           f"wide ({truncated} texts cut to --max_len {max_len})")
     return out
 
-
-def write_npy(path, array):
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    checkpoint_io.atomic_write(path, buf.getvalue())
 
 
 class ClassData:

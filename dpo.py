@@ -17,7 +17,6 @@ then the reply text, then <|endoftext|>. Rows longer than max_len lose the end o
     loss, stats = dpo.loss(model, data.batch("train", seed, 8), lambda ids: reference(ids)[0], beta=0.1)
 """
 import importlib
-import io
 import json
 from pathlib import Path
 
@@ -113,11 +112,6 @@ def encode_pair(module, tok, eot, pair, max_len):
     return len(before), chosen, rejected
 
 
-def save_npy(path, array):
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    checkpoint_io.atomic_write(path, buf.getvalue())
-
 
 def prepare(path, model, tokenizer, name=None, out_dir="data", val_fraction=0.1, max_len=512):
     """Tokenize a JSONL file of preference pairs into out_dir/name; returns the output directory."""
@@ -150,7 +144,7 @@ def prepare(path, model, tokenizer, name=None, out_dir="data", val_fraction=0.1,
         n_val = max(1, int(len(pairs) * val_fraction))
         for split, part in (("train", pairs[:-n_val]), ("val", pairs[-n_val:])):
             prompt_len, *replies = zip(*(encode_pair(module, tok, eot, pair, max_len) for pair in part))
-            save_npy(tmp / f"{split}.prompt_len.npy", np.array(prompt_len, dtype=np.int64))
+            checkpoint_io.save_npy(tmp / f"{split}.prompt_len.npy", np.array(prompt_len, dtype=np.int64))
             width = max(map(len, replies[0] + replies[1]))
             for key, rows in zip(("chosen", "rejected"), replies):
                 # right-padded with 0: causal attention keeps a pad from every real position before it, and the
@@ -158,8 +152,9 @@ def prepare(path, model, tokenizer, name=None, out_dir="data", val_fraction=0.1,
                 padded = np.zeros((len(rows), width), dtype=np.int32)
                 for r, row in enumerate(rows):
                     padded[r, :len(row)] = row
-                save_npy(tmp / f"{split}.{key}.npy", padded)
-                save_npy(tmp / f"{split}.{key}_len.npy", np.array([len(row) for row in rows], dtype=np.int64))
+                checkpoint_io.save_npy(tmp / f"{split}.{key}.npy", padded)
+                checkpoint_io.save_npy(tmp / f"{split}.{key}_len.npy",
+                                       np.array([len(row) for row in rows], dtype=np.int64))
         meta = {"task": "preference", "dataset": str(path), "tokenizer": tokenizer, "chat_model": model if chat
                 else None, "vocab_size": tok.vocab_size, "eot_id": eot, "max_len": max_len,
                 "n_train": len(pairs) - n_val, "n_val": n_val}

@@ -2,6 +2,9 @@
 sequence-classification layout), DPO (with and without LoRA); prepare_data.py --classify / --dpo_jsonl feed them."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +12,7 @@ import torch
 
 import gpt2
 import prepare_data
-import train
-from test_train import TINY, losses, make_data, run
+from test_train import ROOT, TINY, losses, make_data, run
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -190,3 +192,26 @@ def test_dpo_from_scratch_is_refused(tmp_path):
                        str(tmp_path), "--name", "pairs"])
     with pytest.raises(BadInput, match="preference pairs .* give --init_from"):
         run(TINY + ["--data", str(tmp_path / "pairs"), "--out_dir", str(tmp_path / "o"), "--max_steps", "1"])
+
+
+def test_dpo_with_lora_under_torchrun_two_processes_equal_one(base, tmp_path):
+    """The same 8 pairs a step, 8 on one process or 4 + 4 on two: equal losses and val figures (the val split's
+    sums gathered over both processes' strides)."""
+    src = preference_pairs(tmp_path / "pairs.jsonl", n=30)
+    prepare_data.main(["--dpo_jsonl", str(src), "--model", "gpt2", "--tokenizer", "bytes", "--out_dir",
+                       str(tmp_path), "--name", "pairs"])
+
+    def torchrun(n, batch, out):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "train.py",
+               *BASE_FLAGS, "--batch_size", str(batch), "--init_from", str(base), "--data", str(tmp_path / "pairs"),
+               "--lora_rank", "4", "--out_dir", str(out), "--max_steps", "4", "--eval_interval", "4",
+               "--eval_iters", "1", "--lr", "1e-2", "--device", "cpu"]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        return losses(out), [r for r in rows(out) if "val_loss" in r][-1]
+    (one, one_eval), (two, two_eval) = torchrun(1, 8, tmp_path / "one"), torchrun(2, 4, tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5, atol=1e-7)
+    for key in ("val_loss", "val_reward_margin", "val_reward_accuracy"):
+        assert two_eval[key] == pytest.approx(one_eval[key], rel=1e-5, abs=1e-7), key
