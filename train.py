@@ -1,18 +1,22 @@
-"""One training loop for every model file: CPU, one GPU, or many through torchrun (DDP).
+"""One training loop for every model file: CPU, one GPU, or many through torchrun (DDP, or FSDP2 with --fsdp).
 
     python train.py --model gpt2                        # small model, default dataset, a few minutes on a CPU
     python train.py --model gpt2 --init_from gpt2 --data data/shakespeare --lr 3e-5   # fine-tune official weights
     torchrun --standalone --nproc_per_node=8 train.py --model gpt2 --init_from scratch \\
         --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --data data/fineweb ...
+    torchrun --standalone --nproc_per_node=8 train.py --model llama3 --init_from llama3-8b --fsdp --grad_checkpoint
 
 Every --flag has a default (see --help). Architecture flags come from the model file's Config dataclass.
 --config file.json gives overrides too (flags on the command line win).
 
 Checkpoints go to <out_dir>/ckpt-<step>/ in the model's official Hugging Face layout plus train_state.pt, and
 the symlinks <out_dir>/last and <out_dir>/best point at the newest and the lowest-val-loss ones. A symlink is
-swapped in one atomic rename, so a crash mid-write leaves the previous checkpoint in place.
+swapped in one atomic rename, so a crash mid-write leaves the previous checkpoint in place. Under --fsdp the
+resumable state (sharded weights and optimizer) is a torch.distributed.checkpoint directory, ckpt-<step>/dcp/,
+beside the weights gathered into the same official layout.
 """
 import argparse
+import copy
 import dataclasses
 import errno
 import hashlib
@@ -38,6 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:
@@ -68,7 +77,9 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 FROM_ZERO = {"n_experts", "router_aux_loss_coef", "mlp_only_layers", "n_shared_experts", "first_k_dense_replace",
              "bias_update_rate", "mtp_loss_weight", "q_lora_rank"}
 RESUMABLE = {"max_steps", "eval_interval", "eval_iters", "log_interval", "sample_tokens", "threads", "device",
-             "dtype", "compile", "resume", "config", "out_dir", "data", "batch_size", "grad_accum"}
+             "dtype", "compile", "resume", "config", "out_dir", "data", "batch_size", "grad_accum", "grad_checkpoint"}
+# Each file's init scales the projections into the residual stream by 1 / sqrt(2 n_layer) (GPT-2); init_weights too
+RESIDUAL_PROJECTIONS = ("c_proj.weight", "o_proj.weight", "down_proj.weight", "experts.down_proj")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -121,6 +132,10 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad_checkpoint", action="store_true", help="activation checkpointing: recompute each "
+                   "block's activations in the backward instead of keeping them (less memory, ~1/3 more compute)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                   "state over the processes (FSDP2) instead of replicating them (DDP)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the init, dropout and the batches")
     g.add_argument("--eval_interval", type=int, default=200, help="evaluate and checkpoint every N steps")
     g.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation")
@@ -203,9 +218,15 @@ def validate(args, module):
         raise BadInput(f"--lora_dropout {args.lora_dropout!r}: expected a probability in [0, 1)")
     if not (_is_number(args.dpo_beta) and args.dpo_beta > 0):
         raise BadInput(f"--dpo_beta {args.dpo_beta!r}: expected a number > 0")
-    for name in ("compile", "resume"):
+    for name in ("compile", "resume", "grad_checkpoint", "fsdp"):
         if not isinstance(getattr(args, name), bool):
             raise BadInput(f"--config: {name} {getattr(args, name)!r}: expected true or false")
+    if args.fsdp and args.lora_rank:
+        raise BadInput(f"--fsdp with --lora_rank {args.lora_rank}: not supported (adapters are small: train them "
+                       f"under DDP, without --fsdp)")
+    if args.fsdp and args.dtype == "float16":
+        raise BadInput("--fsdp with --dtype float16: not supported (its loss scaling needs the unsharded "
+                       "gradients); use --dtype bfloat16")
     for name in ("data", "out_dir", "init_from", "device", "dtype", "lora_targets"):
         if not isinstance(getattr(args, name), str) or not getattr(args, name):
             raise BadInput(f"--{name} {getattr(args, name)!r}: expected a non-empty string")
@@ -410,6 +431,71 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
 
+def blocks(model):
+    """The transformer blocks, in order: gpt2's h, the others' model.layers (DeepSeek's MTP layer last)."""
+    return model.h if hasattr(model, "h") else model.model["layers"]
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing (Chen et al. 2016): each block keeps only its input in the forward and recomputes
+    the rest in the backward (with the same dropout masks: checkpoint restores the RNG state). The block's forward
+    is wrapped on the instance, not in a wrapper module, so no state_dict key changes and the checkpoints stay in
+    the official layout; without gradients (eval, sampling with a KV cache) the block runs as it is."""
+    for block in blocks(model):
+        def forward(*args, _forward=block.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        block.forward = forward
+
+
+@torch.no_grad()
+def materialize(model, module, device, init=True):
+    """Give a model built on the meta device (plain or sharded by fully_shard) storage on `device`, and with init
+    the values its file's __init__ draws: nn.LayerNorm's reset, the file's _init_weights on Linear and Embedding,
+    N(0, 0.02) for the other matrices (experts, routers), 1 for the other vectors (RMSNorm gains), the residual
+    projections scaled, RoPE's frequencies recomputed and the other buffers (DeepSeek's expert bias) zero. Under
+    FSDP each rank allocates and draws only its own shards: a 7B model never exists whole on one device."""
+    tied = {}   # the names of each Parameter: to_empty gives a head tied to the embedding storage of its own
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    model.to_empty(device=device)
+    for first, *others in tied.values():
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            if model.get_parameter(name) is not model.get_parameter(first):
+                setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+    if init:
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)):
+                m.reset_parameters()   # LayerNorm: 1 and 0; Linear, Embedding: torch's default, redrawn below
+                continue
+            for p in m.parameters(recurse=False):
+                p.normal_(0.0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
+        model.apply(model._init_weights)
+        for name, p in model.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * model.config.n_layer))
+    for name, buffer in model.named_buffers():
+        if name.endswith("inv_freq"):
+            freqs = module.rope_frequencies(model.config)
+            buffer.copy_(freqs[0] if isinstance(freqs, tuple) else freqs)   # qwen, deepseek: (inv_freq, factor)
+        else:
+            buffer.zero_()
+
+
+def gathered(model, module):
+    """Every rank: all-gather an FSDP model's weights; rank 0 gets them in a plain model on the CPU, which writes
+    the official layout (save_pretrained), one tensor at a time on the GPUs. The other ranks get None."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = module.Model(copy.copy(model.config))
+    plain.load_state_dict(full, assign=True)
+    return plain
+
+
 def peak_flops(device):
     if device.type != "cuda":
         return None
@@ -491,37 +577,55 @@ def trim_metrics(path, step):
 
 
 def save_checkpoint(out_dir, model, optimizer, scaler, step, best_val, args, data_dir, link_names, extra=None,
-                    save_model=None):
+                    save_model=None, sharded=None):
     """Write ckpt-<step>/ (official layout + train_state.pt) into a temp dir, rename it, swap the symlinks.
-    save_model(directory) writes the weights (default: model.save_pretrained)."""
+    save_model(directory) writes the weights (default: model.save_pretrained). Under FSDP every rank calls it with
+    sharded, the state dict of its shards ({"model", "optim"}): rank 0 writes the rest, and each rank its part of
+    the DCP checkpoint <temp dir>/dcp, before rank 0 renames the whole directory into place."""
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step:07d}"
     last = out_dir / "last"
-    if not (last.is_symlink() and os.readlink(last) == final.name):   # else saved already (Ctrl-C after an eval)
+    master = sharded is None or dist.get_rank() == 0
+    tmp = None
+    if master and not (last.is_symlink() and os.readlink(last) == final.name):   # else saved already (Ctrl-C)
         tmp = out_dir / f".tmp-ckpt-{step:07d}-{os.getpid()}"
+    if sharded is not None:   # rank 0's temp dir (its pid), or None, for every rank
+        names = [tmp]
+        dist.broadcast_object_list(names, src=0)
+        tmp = names[0]
+    if tmp is not None:
         try:
-            (save_model or model.save_pretrained)(tmp)
-            tok_dir = Path(data_dir) / "tokenizer"
-            if tok_dir.is_dir():
-                for f in tok_dir.iterdir():
-                    shutil.copyfile(f, tmp / f.name)
-            flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": rng_state(next(model.parameters()).device), "best_val_loss": best_val, **(extra or {}),
-                     "args": flags}
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            checkpoint_io.atomic_write(tmp / "train_state.pt", buffer.getvalue())
+            if master:
+                (save_model or model.save_pretrained)(tmp)
+                tok_dir = Path(data_dir) / "tokenizer"
+                if tok_dir.is_dir():
+                    for f in tok_dir.iterdir():
+                        shutil.copyfile(f, tmp / f.name)
+                flags = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+                # under FSDP the optimizer state is in dcp/; the RNG state is rank 0's, which every rank shares
+                # (seeded alike, they draw the same shapes of dropout masks)
+                state = {"step": step, "optimizer": None if sharded else optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": rng_state(next(model.parameters()).device),
+                         "best_val_loss": best_val, **(extra or {}), "args": flags}
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                checkpoint_io.atomic_write(tmp / "train_state.pt", buffer.getvalue())
+            if sharded is not None:
+                dist.barrier()   # the directory exists before the others write into it
+                dcp.save(sharded, checkpoint_id=tmp / "dcp")
         except OSError as e:   # a full disk, a quota: drop the partial copy, keep the last good checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
             kept = f"the last good checkpoint {last} -> {os.readlink(last)} is kept" if last.is_symlink() else \
                 "no checkpoint was saved before"
             raise BadInput(f"saving {final}: {os_error_line(e)}; {kept}") from None
-        stale = out_dir / f".stale-{final.name}-{os.getpid()}"
-        if final.exists():   # a stale one of this step from an earlier run: move it aside, never delete first
-            os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
+        if master:
+            stale = out_dir / f".stale-{final.name}-{os.getpid()}"
+            if final.exists():   # a stale one of this step from an earlier run: move it aside, never delete first
+                os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+    if not master:
+        return
     for name in link_names:
         link_tmp = out_dir / f".{name}.tmp"
         if link_tmp.is_symlink() or link_tmp.exists():
@@ -645,6 +749,9 @@ def _train(args, module, master):
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
+    if args.fsdp and not ddp:
+        raise BadInput("--fsdp: shards the model over the processes of torchrun (torchrun --nproc_per_node=N "
+                       "train.py ... --fsdp); one process trains without it")
     log = print if master else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -667,6 +774,9 @@ def _train(args, module, master):
     if task == "preference" and args.init_from == "scratch":
         raise BadInput(f"--data {data_dir}: preference pairs (DPO) tune a pretrained model against itself: give "
                        f"--init_from (the reference is the starting weights)")
+    if task is not None and args.fsdp:
+        raise BadInput(f"--fsdp with {task} data {data_dir}: not supported (FSDP trains language models on token "
+                       f"shards); train without --fsdp")
     if task == "classification" and args.lora_rank:
         raise BadInput(f"--lora_rank {args.lora_rank} with classification data {data_dir}: not supported (the new "
                        f"head would need PEFT's modules_to_save); fine-tune the classifier fully")
@@ -674,17 +784,35 @@ def _train(args, module, master):
     token_bytes = read_token_bytes(data_dir, meta) if task is None else None
     global_batch = args.batch_size * args.grad_accum * world
 
-    # the model: resumed, fine-tuned from weights, or new
-    state = None
+    # the model: resumed, fine-tuned from weights, or new. Under FSDP it is built on the meta device (no storage),
+    # sharded, and only then given each rank's shards: of the weights drawn, read from dcp/, or sent by rank 0.
+    state = pretrained = None
     if args.resume:
         last = out_dir / "last"
         state = load_train_state(last)
-        model = load_run(module, last.resolve(), task)
+        if args.fsdp:
+            with torch.device("meta"):
+                model = module.Model(checkpoint_io.read_config(last / "config.json", module.Config.from_hf))
+        else:
+            model = load_run(module, last.resolve(), task)
         check_resume(state, args, model.config, identity, global_batch, out_dir)
         if state["step"] >= args.max_steps:   # a finished run requeued by a scheduler: nothing to do
             log(f"{last} is at step {state['step']} of --max_steps {args.max_steps}: nothing to train "
                 f"(raise --max_steps to go on)")
             return model, 0
+    elif args.init_from != "scratch" and args.fsdp:
+        # rank 0 alone reads the weights, into CPU memory; set_model_state_dict sends each rank its shards below
+        pretrained = module.Model.from_pretrained(args.init_from) if master else None
+        configs = [pretrained.config if master else None]
+        dist.broadcast_object_list(configs, src=0)
+        with torch.device("meta"):
+            model = module.Model(configs[0])
+        reshaping = set(args.model_overrides) - {"dropout"}
+        if reshaping:
+            raise BadInput(f"--init_from {args.init_from}: cannot change {sorted(reshaping)} of pretrained "
+                           f"weights (only --dropout)")
+        if "dropout" in args.model_overrides:
+            _set_dropout(model, args.model_overrides["dropout"])
     elif args.init_from != "scratch":
         # under DDP rank 0 downloads first, then the others read its cache (never two writers on one file)
         if ddp and not master:
@@ -706,7 +834,10 @@ def _train(args, module, master):
             config = module.Config(**{**fields, **args.model_overrides})
         except ValueError as e:   # Config's own checks of how the sizes fit together (n_embd % n_head, ...)
             raise BadInput(f"{args.model}.Config: {e}") from None
-        model = module.Model(config)
+        # on a GPU or under FSDP: built without storage, then drawn in place on the device (materialize), so a 7B
+        # model is never first allocated on the CPU; on the CPU as it always was (the same weights for a seed)
+        with torch.device("meta") if (args.fsdp or device.type != "cpu") and task is None else nullcontext():
+            model = module.Model(config)
     config = model.config
     data = TASKS[task](data_dir, meta, config.vocab_size) if task else None
     seq_len = data.seq_len if task else args.seq_len   # a task's: its widest example
@@ -751,12 +882,41 @@ def _train(args, module, master):
     elif task is None:
         log(f"(no val_bpb: {data_dir} has no token byte counts, nor a tokenizer/ of its {meta['vocab_size']} ids "
             f"to count them from; prepare_data.py writes them)")
-    model.to(device)
+    if args.grad_checkpoint:
+        checkpoint_blocks(model)
+    if args.fsdp:
+        # FSDP2 (Zhao et al. 2023): each block's parameters in one group, gathered just before the block runs and
+        # freed after; the root's group holds the rest, the embedding and a head tied to it together. On a GPU
+        # the gathered weights are bf16 (the autocast dtype) and the gradients reduced in fp32.
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else \
+            MixedPrecisionPolicy()
+        for block in blocks(model):
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    if next(model.parameters()).is_meta:
+        # on the CPU each rank draws its shards from torch's generator: seeded apart, or two shards could repeat each
+        # other (on a GPU, DTensor's generator draws each shard as its part of the whole); then alike for dropout
+        torch.manual_seed(args.seed + rank)
+        materialize(model, module, device, init=state is None and pretrained is None)
+        torch.manual_seed(args.seed)
+    else:
+        model.to(device)
+    if args.fsdp and state is None and args.init_from != "scratch":
+        # rank 0's full weights, one tensor at a time: each rank keeps its shards (its peak: them + one tensor)
+        set_model_state_dict(model, pretrained.state_dict() if master else {}, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        pretrained = None
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     step, best_val = 0, float("inf")
+    if state is not None and args.fsdp:   # every rank reads its own shards of the weights and optimizer state
+        sharded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(sharded, checkpoint_id=out_dir / "last" / "dcp")
+        set_model_state_dict(model, sharded["model"])
+        set_optimizer_state_dict(model, optimizer, sharded["optim"])
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if not args.fsdp:
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], device)
         step, best_val = state["step"], state["best_val_loss"]
@@ -765,7 +925,7 @@ def _train(args, module, master):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not args.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     n_params, n_active = raw_model.num_params(), raw_model.num_params(active=True)
@@ -778,7 +938,9 @@ def _train(args, module, master):
         + (f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else "")
         + (f" | LoRA rank {args.lora_rank} on {len(raw_model.lora_config['targets'])} modules: "
            f"{n_trainable / 1e6:.3f}M trainable" if hasattr(raw_model, "lora_config") else "")
-        + f" | device {device} {dtype} | world {world} | {tokens_per_step:,} tokens/step | data {data_dir} ("
+        + f" | device {device} {dtype} | world {world}{' (FSDP)' if args.fsdp else ''}"
+        + f"{' | activation checkpointing' if args.grad_checkpoint else ''}"
+        + f" | {tokens_per_step:,} tokens/step | data {data_dir} ("
         + (f"{data.meta['train_tokens']:,} train tokens)" if task is None else
            f"{task}: {data.n('train'):,} train and {data.n('val'):,} val examples)"))
     metrics = None
@@ -852,9 +1014,16 @@ def _train(args, module, master):
 
     def checkpoint(links):
         nonlocal saved_step
-        if master:
-            save_checkpoint(out_dir, raw_model, optimizer, scaler, step, best_val, args, data_dir, links,
-                            {"global_batch": global_batch, "tokenizer": identity}, save_model)
+        extra = {"global_batch": global_batch, "tokenizer": identity}
+        if args.fsdp:   # every rank: the gathered weights for rank 0's official layout, and its own shards
+            plain = gathered(raw_model, module)
+            sharded = {"model": get_model_state_dict(raw_model),
+                       "optim": get_optimizer_state_dict(raw_model, optimizer)}
+            save_checkpoint(out_dir, raw_model, optimizer, scaler, step, best_val, args, data_dir, links, extra,
+                            plain.save_pretrained if master else None, sharded)
+        elif master:
+            save_checkpoint(out_dir, raw_model, optimizer, scaler, step, best_val, args, data_dir, links, extra,
+                            save_model)
         if ddp:
             dist.barrier()
         saved_step = step
@@ -895,8 +1064,11 @@ def _train(args, module, master):
                                    part=micro * world + rank, parts=args.grad_accum * world)
                 no_targets = task is None and data.masks and bool((batch[1] == -100).all())
                 batch = [t.to(device, non_blocking=True) for t in batch]
-                # DDP: all-reduce the gradients only on the last micro-step
-                sync = nullcontext() if (not ddp or micro == args.grad_accum - 1) else model.no_sync()
+                # DDP: all-reduce the gradients only on the last micro-step; FSDP: reduce-scatter them only then
+                last_micro = micro == args.grad_accum - 1
+                sync = nullcontext() if (not ddp or args.fsdp or last_micro) else model.no_sync()
+                if args.fsdp:
+                    raw_model.set_requires_gradient_sync(last_micro)
                 with sync:
                     with autocast:
                         if task is None:
@@ -917,7 +1089,7 @@ def _train(args, module, master):
             if not math.isfinite(step_loss):
                 raise BadInput(f"loss is {step_loss} at step {step + 1}: stopped; the last good checkpoint "
                                     f"is {out_dir / 'last'}" + ("" if (out_dir / "last").exists() else " (none yet)"))
-            if args.grad_clip > 0:
+            if args.grad_clip > 0:   # under FSDP the norm of sharded (DTensor) gradients is the whole model's
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scaler.step(optimizer)
@@ -969,7 +1141,10 @@ def _train(args, module, master):
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
     if master and args.sample_tokens > 0 and task is None:
-        show_sample(raw_model, data, data_dir, args.sample_tokens, device)
+        if args.fsdp:   # rank 0 alone cannot run a sharded model: the others would have to gather with it
+            print(f"(no sample under --fsdp: python sample.py {out_dir / 'last'})")
+        else:
+            show_sample(raw_model, data, data_dir, args.sample_tokens, device)
     return raw_model, 0
 
 

@@ -15,3 +15,8 @@ python bench/train_throughput.py --model gpt2 --preset gpt2 --device cuda --dtyp
     --batch_size 16 --seq_len 1024 --steps 20 --warmup 10 --skip_minimal --compile
 echo "== GPT-2 124M sampling, batch 1, greedy, 256 new tokens"
 python bench/sample_throughput.py --preset gpt2 --device cuda --new_tokens 256 --repeats 3
+echo "== FSDP on all visible GPUs, Llama 3.2 1B shape from scratch, bf16, batch 8 x 2048 per GPU:"
+echo "   tokens/s, MFU and peak memory without and with activation checkpointing"
+NGPU=$(nvidia-smi -L | wc -l)
+python bench/train_memory.py --arch llama-1b --device cuda --dtype bfloat16 --nproc "$NGPU" \
+    --batch_size $((8 * NGPU)) --seq_len 2048 --steps 12 --warmup 4 --only fsdp,fsdp+checkpoint

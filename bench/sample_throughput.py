@@ -5,6 +5,12 @@
     python bench/sample_throughput.py --model llama3       # a 100M-parameter Llama 3.2 in miniature (LLAMA_100M)
     python bench/sample_throughput.py --model qwen         # a 100M-parameter Qwen3 (QWEN_100M) vs Qwen3ForCausalLM
     python bench/sample_throughput.py --model qwen --moe   # a small Qwen3-MoE (QWEN_MOE) vs Qwen3MoeForCausalLM
+    python bench/sample_throughput.py --precisions --new_tokens 128 --ppl_checkpoint out/gpt2/last   # issue 14
+
+--precisions: ours at fp32, bf16, int8 and int4 (quantize.py) against transformers' generate() at fp32 and bf16,
+each also against the memory-bandwidth bound of its precision: bytes read a token (every weight once; an
+embedding table only where it is also the head) over the bandwidth of a 256 MB copy measured in the same run;
+with --ppl_checkpoint, the validation perplexity of that trained checkpoint in each of our precisions.
 
 The weights are random (no download): speed does not depend on their values, and both implementations load
 the same checkpoint. Each figure is the median of --repeats runs, interleaved (each round runs every implementation
@@ -13,6 +19,7 @@ The MoE model is timed against transformers twice: with the experts implementati
 (grouped_mm where torch has it, one grouped matmul per projection) and with "eager" (a loop over the hit experts).
 """
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -23,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpt2  # noqa: E402
+import quantize  # noqa: E402
 import llama3  # noqa: E402
 import qwen  # noqa: E402
 import sample  # noqa: E402
@@ -59,6 +67,81 @@ def timed(fns, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def bytes_per_token(model):
+    """Bytes decoding reads a token: every parameter and buffer once, an embedding table only if it is the head."""
+    head = model.lm_head.weight.data_ptr() if type(model.lm_head) is torch.nn.Linear else None
+    lookups = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)} - {head}
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.data_ptr() not in lookups}
+    return sum(t.nbytes for t in tensors.values())
+
+
+def bandwidth():
+    """Bytes/s of copying 256 MB (read + write), the best of 5."""
+    a = torch.empty(2**26, dtype=torch.float32).fill_(1.0)
+    b = torch.empty_like(a)
+    best = min(timed({"": lambda: b.copy_(a)}, 1)[""] for _ in range(5))
+    return 2 * a.nbytes / best
+
+
+def ours_in(model, precision):
+    """A copy of the fp32 model in a precision: fp32, bf16, int8 or int4 (quantize.py, head included)."""
+    m = copy.deepcopy(model)
+    return m.to(torch.bfloat16) if precision == "bf16" else quantize.quantize(m, precision) if precision in (
+        "int8", "int4") else m
+
+
+def perplexity(model, data, block, windows=32):
+    """exp(mean next-token loss) over `windows` consecutive windows of `block` tokens of the validation split."""
+    ids = torch.from_numpy(data[:windows * block + 1].astype("int64"))
+    with torch.inference_mode():
+        loss = model(ids[:-1].view(windows, block), ids[1:].view(windows, block))[1]
+    return loss.exp().item()
+
+
+def precisions(a, module, hf_class, config, name):
+    """--precisions: the table of issue 14 (see the module docstring)."""
+    import numpy as np
+    import transformers
+    torch.manual_seed(0)
+    base = module.Model(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, a.prompt_tokens))
+    n, cfg = a.new_tokens, dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,
+                                pad_token_id=0)
+    models = {f"ours {p}": ours_in(base, p) for p in ("fp32", "bf16", "int8", "int4")}
+    with tempfile.TemporaryDirectory() as d:
+        base.save_pretrained(d)
+        for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            models[f"transformers {p}"] = getattr(transformers, hf_class).from_pretrained(d, dtype=dt).eval()
+    fns = {}
+    for k, m in models.items():
+        if k.startswith("ours"):
+            fns[k] = lambda m=m: list(sample.generate(m, prompt, n, temperature=0))
+        else:
+            fns[k] = lambda m=m: m.generate(prompt, **cfg)
+        with torch.inference_mode():
+            fns[k]()   # warm-up (and the int4 kernel's packing)
+    bw = bandwidth()
+    with torch.inference_mode():
+        times = timed(fns, a.repeats)
+    ref = n / times["transformers fp32"]
+    print(f"{name} ({base.num_params() / 1e6:.0f}M parameters), batch 1, cpu, greedy, {a.prompt_tokens} prompt + {n} "
+          f"new tokens, torch threads {torch.get_num_threads()}, median of {a.repeats} interleaved runs; "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{'':20s} {'tokens/s':>9s} {'vs HF fp32':>11s} {'MB/token':>9s} {'bound tok/s':>12s} {'of bound':>9s}")
+    for k, m in models.items():
+        size = bytes_per_token(models[k.replace("transformers", "ours")])   # HF's: the same weights read
+        tps = n / times[k]
+        print(f"{k:20s} {tps:9.1f} {tps / ref:10.2f}x {size / 1e6:9.0f} {bw / size:12.1f} {tps * size / bw:8.0%}")
+    if a.ppl_checkpoint:
+        trained = module.Model.from_pretrained(a.ppl_checkpoint).eval()
+        data = np.memmap(Path(a.ppl_data) / "val.bin", dtype=np.uint16, mode="r")
+        block = min(128, trained.config.block_size)
+        ppl = {p: perplexity(ours_in(trained, p), data, block) for p in ("fp32", "bf16", "int8", "int4")}
+        print(f"validation perplexity of {a.ppl_checkpoint} ({trained.num_params() / 1e6:.1f}M parameters, "
+              f"{32 * block} tokens of {a.ppl_data}): " + ", ".join(
+                  f"{p} {v:.3f} ({100 * (v / ppl['fp32'] - 1):+.2f}%)" for p, v in ppl.items()))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -72,6 +155,11 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip_hf", action="store_true", help="do not compare with transformers")
+    p.add_argument("--precisions", action="store_true", help="ours fp32 / bf16 / int8 / int4 vs transformers "
+                   "fp32 / bf16, against the memory-bandwidth bound (issue 14)")
+    p.add_argument("--ppl_checkpoint", default=None, help="--precisions: a trained checkpoint of --model whose "
+                   "validation perplexity to report in each precision")
+    p.add_argument("--ppl_data", default="data/stdlib", help="its data directory (val.bin)")
     a = p.parse_args()
     if a.moe and (a.model != "qwen" or a.preset):
         p.error("--moe is the QWEN_MOE config of --model qwen, without --preset")
@@ -83,6 +171,8 @@ def main():
         else DEFAULTS[a.model]
     if a.model == "qwen":
         hf_class = qwen.MODEL_TYPES[config.model_type]
+    if a.precisions:
+        return precisions(a, module, hf_class, config, name)
     model = module.Model(config).to(a.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, a.prompt_tokens), device=a.device)
     n = a.new_tokens

@@ -191,6 +191,10 @@ def test_nan_weights_are_one_line_not_a_multinomial_error():
     (["--chat", "--prompt", "a"], "--prompt with --chat"),
     (["--chat", "--prompt_file", "p.txt"], "--prompt_file with --chat"),
     (["--system", "be brief"], "--system is the system prompt of --chat"),
+    (["--draft_tokens", "0"], "--draft_tokens 0: expected an integer >= 1"),
+    (["--quantize", "int3"], "--quantize int3: expected int8 or int4"),
+    (["--draft", "d", "--no_cache"], "--draft with --no_cache"),
+    (["--compile", "--no_cache"], "--compile with --no_cache"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_flags_are_checked_before_anything_loads(argv, message):
     with pytest.raises(errors.BadInput, match=re.escape(message)):
@@ -207,7 +211,7 @@ def test_main_raises_bad_input_and_keeps_tracebacks_of_bugs(cli_dir, tmp_path, m
     with pytest.raises(errors.BadInput, match="config.json: not found.*pass --model gpt2 or llama3"):
         sample.main([str(tmp_path)])
     # a programming error is no bad input: it keeps its type and its traceback
-    monkeypatch.setattr(sample, "stream", lambda *a: int("a bug"))
+    monkeypatch.setattr(sample, "stream", lambda *a, **kw: int("a bug"))
     with pytest.raises(ValueError, match="invalid literal"):
         sample.main([str(cli_dir / "ckpt"), "--prompt", "a"])
 
