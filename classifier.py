@@ -16,7 +16,6 @@
 """
 import csv
 import io
-import json
 import re
 import tempfile
 from pathlib import Path
@@ -53,15 +52,7 @@ def read_examples(path, text_field, label_field):
         except csv.Error as e:   # a NUL byte, a field over csv.field_size_limit()
             raise BadInput(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise BadInput(f"{path}:{n}: expected a JSON object with {text_field!r} and {label_field!r}")
+        for n, obj in prepare_data.jsonl_objects(path, f"a JSON object with {text_field!r} and {label_field!r}", text):
             label = obj.get(label_field)
             label = str(label) if type(label) is int else label
             examples.append((n, obj.get(text_field), label))

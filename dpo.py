@@ -17,14 +17,12 @@ then the reply text, then <|endoftext|>. Rows longer than max_len lose the end o
     loss, stats = dpo.loss(model, data.batch("train", seed, 8), lambda ids: reference(ids)[0], beta=0.1)
 """
 import importlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import bpe
 import checkpoint_io
 import prepare_data
 import sample
@@ -44,17 +42,11 @@ def read_pairs(path, module):
     """[(where, prompt, chosen, rejected)] of a JSONL file, each line checked; where is "file:line", prompt a
     list of messages (for a chat model: encode_chat checks each) or a text, chosen and rejected texts."""
     pairs, chat = [], hasattr(module, "encode_chat")
-    for n, line in enumerate(bpe.read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
+    expected = 'a JSON object with "prompt" or "messages" (one of them), "chosen" and "rejected"'
+    for n, obj in prepare_data.jsonl_objects(path, expected):
         where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
-            raise BadInput(f'{where}: expected a JSON object with "prompt" or "messages" (one of them), "chosen" '
-                           f'and "rejected"')
+        if ("prompt" in obj) == ("messages" in obj):
+            raise BadInput(f"{where}: expected {expected}")
         if "messages" in obj and not chat:
             raise BadInput(f'{where}: "messages" needs a chat format, and {module.__name__}.py has none: give '
                            f'"prompt" text')

@@ -17,6 +17,8 @@ import importlib
 
 import torch
 
+import train
+
 
 def activation_elements(config):
     """(per block, the rest) numbers autograd keeps per token of a training forward, by the tensors saved:
@@ -60,7 +62,7 @@ def training_memory(module, config, tokens, *, world=1, fsdp=False, grad_checkpo
             lora.add_lora(model, lora_rank, targets=["all"])
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shards = world if fsdp else 1
-    block_params = max(sum(p.numel() for p in b.parameters()) for b in _blocks(model))
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in train.blocks(model))
     weights = 4 * n_params / shards
     if fsdp:   # the gathered blocks: the one computing and the next, prefetched, in the compute dtype
         weights += 2 * block_params * (2 if bf16 else 4)
@@ -77,10 +79,6 @@ def training_memory(module, config, tokens, *, world=1, fsdp=False, grad_checkpo
     activations = tokens * (act_bytes * (saved + rest) + transient)
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations}
     return parts | {"total": sum(parts.values())}
-
-
-def _blocks(model):
-    return model.h if hasattr(model, "h") else model.model.layers
 
 
 def table(tokens=2048, world=8):

@@ -331,18 +331,27 @@ def _alive(pid):
 # Instruction data: chat-formatted tokens and the mask of the assistant's replies
 
 
-def read_conversations(path):
-    """[(line number, messages)] of a JSONL file, each line checked: {"messages": [{"role", "content"}, ...]}.
-    Conversations without an assistant turn are reported and left out: they hold nothing to train on."""
-    conversations = []
-    for n, line in enumerate(bpe.read_text(path).splitlines(), 1):
+def jsonl_objects(path, expected, text=None):
+    """(line number, object) of each non-blank line of a JSONL file (text: its contents, read already); BadInput
+    naming file:line for a line that is not valid JSON, or `expected` for one that is not a JSON object."""
+    for n, line in enumerate((bpe.read_text(path) if text is None else text).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        messages = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            raise BadInput(f"{path}:{n}: expected {expected}")
+        yield n, obj
+
+
+def read_conversations(path):
+    """[(line number, messages)] of a JSONL file, each line checked: {"messages": [{"role", "content"}, ...]}.
+    Conversations without an assistant turn are reported and left out: they hold nothing to train on."""
+    conversations = []
+    for n, obj in jsonl_objects(path, 'a JSON object with a "messages" list'):
+        messages = obj.get("messages")
         if not isinstance(messages, list):
             raise BadInput(f'{path}:{n}: expected a JSON object with a "messages" list')
         for i, m in enumerate(messages):

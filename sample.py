@@ -111,7 +111,6 @@ def compiled_decode(device_type):
     return torch.compile(decode_one_token, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
-@torch.inference_mode()
 def activation_dtype(model):
     """The dtype the cache holds: the first floating parameter's (a quantized head's .weight would be dequantized);
     None, the model's own choice, for a model without one."""
@@ -278,8 +277,7 @@ def generate_batch(model, prompts, max_new_tokens, *, temperature=1.0, top_k=Non
     in_prompt = torch.tensor(lens, device=device)
     allowed = allowed.to(device) if allowed is not None else None
     step = compiled_decode(device.type) if compile else decode_one_token
-    cache = model.init_cache(B, max(lens) + max_new_tokens, device=device,
-                             dtype=activation_dtype(model))
+    cache = model.init_cache(B, max(lens) + max_new_tokens, device=device, dtype=activation_dtype(model))
     pos = min(lens)
     logits = prefill(model, grid[:, :pos], cache)   # (B, V): every row's logits for position pos
     while not all(done):

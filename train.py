@@ -856,8 +856,7 @@ def _train(args, module, master):
         if task == "classification":
             classifier.attach_head(model, len(data.labels))
         if args.lora_rank:
-            targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-            lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+            lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
             base_name = (str(Path(args.init_from).resolve()) if Path(args.init_from).is_dir()
                          else getattr(module, "HUB_IDS", {}).get(args.init_from, args.init_from))
     elif hasattr(model, "lora_config"):

@@ -55,7 +55,7 @@ CHILD = r"""
 import importlib, json, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 import torch
-import torch.utils.checkpoint
+import train
 module, config = importlib.import_module(sys.argv[2]), json.loads(sys.argv[3])
 B, T, ckpt = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 torch.set_num_threads(1)
@@ -65,10 +65,8 @@ def anon():
 
 torch.manual_seed(0)
 model = module.Model(module.Config(**config))
-if ckpt:   # torch.utils.checkpoint around each block's forward
-    for block in (model.h if hasattr(model, "h") else model.model.layers):
-        block.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False,
-                                                                                      **k))(block.forward)
+if ckpt:   # train.py's --grad_checkpoint
+    train.checkpoint_blocks(model)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 idx = torch.randint(0, config["vocab_size"], (B, T))
 _, loss = model(idx[:1, :8], idx[:1, :8])   # warm-up: kernels and the allocator's first pools
